@@ -1,1 +1,22 @@
+//! What every hibiki service stands on, in one place: typed configuration,
+//! telemetry (logs, traces, trace-context propagation), Prometheus metrics,
+//! the gRPC server stack with authentication, graceful shutdown, and the
+//! PostgreSQL and Redis handles. A service's `Application` is a
+//! [`host::ServiceHost`] plus its own RPC services.
+#![forbid(unsafe_code)]
 
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod grpc;
+pub mod host;
+pub mod metrics;
+pub mod postgres;
+pub mod redis;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use auth::Caller;
+pub use config::{ConfigError, Env, Overlay, ProcessEnv, RuntimeConfig, Secret, ServiceDefaults};
+pub use host::{HostError, Needs, ServiceHost};
+pub use shutdown::Shutdown;

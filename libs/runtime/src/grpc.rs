@@ -1,0 +1,327 @@
+//! The gRPC server every hibiki service runs, and the client side of the
+//! mesh's calls.
+//!
+//! Server: [`GrpcRoutes`] collects a service's RPC services and adds health
+//! and reflection; [`serve`] runs them behind one tower stack (see
+//! [`serve`] for the order and why). Client: [`channel`] plus
+//! [`ClientInterceptor`], which sends the service token and the current trace
+//! context with every call.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+use crate::auth::{AuthLayer, Authenticator};
+use crate::config::{Secret, ServerConfig};
+use crate::telemetry;
+
+/// The RPC services of one server, plus health and reflection.
+pub struct GrpcRoutes {
+    builder: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl Default for GrpcRoutes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcRoutes {
+    /// No services yet.
+    pub fn new() -> Self {
+        Self {
+            builder: RoutesBuilder::default(),
+            names: Vec::new(),
+        }
+    }
+
+    /// Adds an RPC service (a generated `...Server`).
+    pub fn add<S>(&mut self, svc: S) -> &mut Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.builder.add_service(svc);
+        self
+    }
+
+    /// The fully-qualified names of the RPC services added so far.
+    pub fn service_names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// The routes with health and reflection added. Reflection advertises
+    /// exactly the services served here, described from hibiki's descriptor
+    /// set.
+    pub fn finish(
+        mut self,
+        health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) -> Routes {
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hibiki_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection");
+        for name in &self.names {
+            reflection = reflection.with_service_name(*name);
+        }
+        let reflection = reflection
+            .build_v1()
+            .expect("hibiki's descriptor set is valid: it was built by protox");
+        self.builder.add_service(health);
+        self.builder.add_service(reflection);
+        self.builder.routes()
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown` completes, then stops
+/// accepting and lets in-flight calls finish.
+///
+/// The stack, outermost first:
+/// 1. **timeout** (tonic's, so a caller's shorter `grpc-timeout` wins):
+///    bounds every call, queueing included; answers CANCELLED.
+/// 2. **telemetry**: a `grpc.server` span continuing the caller's trace, and
+///    per-method counts and latency. Outside the others so that shed and
+///    rejected calls are seen too.
+/// 3. **auth**: rejects calls without a valid token before they take a
+///    concurrency slot, so unauthenticated traffic cannot crowd out real
+///    work.
+/// 4. **load shed + concurrency limit**: at most `concurrency_limit` calls
+///    run at once in this process; one more is refused at once with
+///    RESOURCE_EXHAUSTED instead of queueing, so overload shows up as fast
+///    errors the caller can back off from, never as growing latency.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    config: &ServerConfig,
+    authenticator: Authenticator,
+    service: &'static str,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stack = tower::ServiceBuilder::new()
+        .layer(TelemetryLayer { service })
+        .layer(AuthLayer::new(authenticator))
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            Arc::new(Semaphore::new(config.concurrency_limit)),
+        ))
+        .into_inner();
+    tonic::transport::Server::builder()
+        .timeout(config.request_timeout)
+        .layer(stack)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Tower layer: a server span per call and RPC metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct TelemetryLayer {
+    service: &'static str,
+}
+
+impl<S> tower::Layer<S> for TelemetryLayer {
+    type Service = TelemetryService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TelemetryService {
+            inner,
+            service: self.service,
+        }
+    }
+}
+
+/// The service [`TelemetryLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct TelemetryService<S> {
+    inner: S,
+    service: &'static str,
+}
+
+/// Keeps metric labels bounded: only hibiki's and gRPC's own methods are
+/// named; anything else a scanner may send is counted as `other`.
+fn method_label(path: &str) -> String {
+    if path.starts_with("/hibiki.") || path.starts_with("/grpc.") {
+        path.to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for TelemetryService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = method_label(request.uri().path());
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            hibiki.service = self.service,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        telemetry::set_parent(&span, telemetry::extract_headers(request.headers()));
+        let service = self.service;
+        let started = Instant::now();
+        let future = self.inner.call(request);
+        Box::pin(
+            async move {
+                let result = future.await;
+                // Errors travel as trailers-only responses, so a failed unary
+                // call carries grpc-status in its headers; a response without
+                // it is a success (or a stream whose end is still to come).
+                let code = match &result {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map(|c| tonic::Code::from_i32(c))
+                        .unwrap_or(tonic::Code::Ok),
+                    // Shed by the concurrency limit (tonic maps it to
+                    // RESOURCE_EXHAUSTED further out).
+                    Err(_) => tonic::Code::ResourceExhausted,
+                };
+                tracing::Span::current().record("rpc.grpc.status_code", code as i32);
+                let code_label = format!("{code:?}");
+                metrics::counter!(
+                    "hibiki_grpc_server_requests_total",
+                    "service" => service, "method" => method.clone(), "code" => code_label
+                )
+                .increment(1);
+                metrics::histogram!(
+                    "hibiki_grpc_server_duration_seconds",
+                    "service" => service, "method" => method
+                )
+                .record(started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// A channel to another hibiki service at `url` (e.g.
+/// `http://127.0.0.1:50052`). It connects lazily and reconnects by itself,
+/// so a caller starts while the callee is down.
+pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Adds the bearer token and the current trace context to every outgoing
+/// call. Use with a generated client's `with_interceptor`.
+#[derive(Clone)]
+pub struct ClientInterceptor {
+    authorization: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl std::fmt::Debug for ClientInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientInterceptor([redacted])")
+    }
+}
+
+impl ClientInterceptor {
+    /// Sends `token` as `authorization: Bearer <token>`. Fails when the token
+    /// holds characters a header cannot carry.
+    pub fn new(token: &Secret) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        let mut authorization: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {}", token.expose()).parse()?;
+        authorization.set_sensitive(true);
+        Ok(Self { authorization })
+    }
+}
+
+impl tonic::service::Interceptor for ClientInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        telemetry::inject_metadata(request.metadata_mut());
+        Ok(request)
+    }
+}
+
+/// Asks a server's health service about `service` ("" for the whole
+/// server). Any failure to get an answer is an error.
+pub async fn health_status(
+    url: &str,
+    service: &str,
+) -> Result<tonic_health::ServingStatus, tonic::Status> {
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    let channel = channel(url).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(match Wire::try_from(response.status) {
+        Ok(Wire::Serving) => tonic_health::ServingStatus::Serving,
+        Ok(Wire::NotServing) => tonic_health::ServingStatus::NotServing,
+        _ => tonic_health::ServingStatus::Unknown,
+    })
+}
+
+/// Polls `url`'s overall health until it is `want` or `timeout` passes.
+/// Returns the last status seen (or the last error) on timeout.
+pub async fn wait_for_health(
+    url: &str,
+    want: tonic_health::ServingStatus,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match health_status(url, "").await {
+            Ok(s) if s == want => return Ok(()),
+            Ok(s) => format!("{s:?}"),
+            Err(e) => format!("{}: {}", e.code(), e.message()),
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{url} did not report {want:?} within {timeout:?} (last: {last})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

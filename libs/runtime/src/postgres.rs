@@ -1,0 +1,97 @@
+//! PostgreSQL: one pool per service, whose connections see the service's own
+//! schema first (`search_path`), and the service's migrations applied into
+//! that schema at start-up.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+
+use crate::config::PostgresConfig;
+
+/// A PostgreSQL operation of the runtime failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    /// `HIBIKI_DATABASE_URL` does not parse.
+    #[error("HIBIKI_DATABASE_URL: {0}")]
+    Url(sqlx::Error),
+    /// The server could not be reached or refused a statement.
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migrating schema {schema}: {source}")]
+    Migrate {
+        /// The service's schema.
+        schema: &'static str,
+        /// The cause.
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// Parses the configured URL.
+pub fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
+    PgConnectOptions::from_str(config.url.expose()).map_err(PostgresError::Url)
+}
+
+/// A pool that connects on first use, so a service starts (and reports
+/// NOT_SERVING) while PostgreSQL is down. Its connections resolve names in
+/// `schema` first, then `public`.
+pub fn connect_lazy(config: &PostgresConfig, schema: &str) -> Result<PgPool, PostgresError> {
+    let options = connect_options(config)?
+        .options([("search_path", format!("{schema},public"))])
+        .log_statements(tracing::log::LevelFilter::Debug);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        // Fail fast when the server is down: the health monitor retries.
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options))
+}
+
+/// Creates the service's schema if missing and applies its migrations there.
+/// Safe to run from several replicas at once: sqlx takes an advisory lock.
+pub async fn migrate(
+    pool: &PgPool,
+    schema: &'static str,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), PostgresError> {
+    // The schema name is a compile-time constant of the service, never input.
+    let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+    sqlx::query(sqlx::AssertSqlSafe(create)).execute(pool).await?;
+    migrator
+        .run(pool)
+        .await
+        .map_err(|source| PostgresError::Migrate { schema, source })
+}
+
+/// Creates the database named in the URL when it does not exist (used by
+/// `hibiki dev` and tests; in a cluster the database is provisioned). Returns
+/// whether it was created.
+pub async fn ensure_database(config: &PostgresConfig) -> Result<bool, PostgresError> {
+    let options = connect_options(config)?;
+    let name = options
+        .get_database()
+        .unwrap_or(options.get_username())
+        .to_owned();
+    let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if exists {
+        return Ok(false);
+    }
+    let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut admin).await {
+        Ok(_) => Ok(true),
+        // Another process created it between our check and our CREATE.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Checks that the server answers.
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+}

@@ -1,0 +1,105 @@
+//! Redis: a connection pool for blocking reads and transactions, and the key
+//! prefix that keeps meshes (and tests) sharing one Redis apart.
+//!
+//! Keys are built with [`Redis::key`]; keys that must live in the same Redis
+//! Cluster slot put their shard in a `{hash tag}`.
+
+use std::time::Duration;
+
+use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+
+use crate::config::RedisConfig;
+
+pub use deadpool_redis::redis;
+
+/// A Redis operation of the runtime failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// `HIBIKI_REDIS_URL` or the pool settings are invalid.
+    #[error("HIBIKI_REDIS_URL: {0}")]
+    Config(#[from] deadpool_redis::CreatePoolError),
+    /// No connection could be had from the pool.
+    #[error("redis unreachable: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    /// A command failed.
+    #[error("redis command failed: {0}")]
+    Command(#[from] redis::RedisError),
+}
+
+/// A service's Redis handle.
+#[derive(Clone)]
+pub struct Redis {
+    pool: Pool,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis").field("prefix", &self.prefix).finish()
+    }
+}
+
+impl Redis {
+    /// A pool that connects on first use (a service starts while Redis is
+    /// down and reports NOT_SERVING until it is back).
+    pub fn connect_lazy(config: &RedisConfig) -> Result<Self, RedisError> {
+        let mut cfg = Config::from_url(config.url.expose());
+        let mut pool_cfg = PoolConfig::new(config.pool_size);
+        // Fail fast when Redis is down instead of queueing callers.
+        pool_cfg.timeouts = Timeouts {
+            wait: Some(Duration::from_secs(2)),
+            create: Some(Duration::from_secs(2)),
+            recycle: Some(Duration::from_secs(2)),
+        };
+        cfg.pool = Some(pool_cfg);
+        let pool = cfg.create_pool(Some(Runtime::Tokio1))?;
+        Ok(Self {
+            pool,
+            prefix: config.key_prefix.clone(),
+        })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The configured key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `prefix:part1:part2...`.
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.prefix.clone();
+        for p in parts {
+            key.push(':');
+            key.push_str(p);
+        }
+        key
+    }
+
+    /// Checks that Redis answers PING.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let mut conn = self.pool.get().await?;
+        let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn keys_start_with_the_prefix() {
+        let r = Redis::connect_lazy(&RedisConfig {
+            url: Secret::new("redis://127.0.0.1:1"),
+            key_prefix: "t1".into(),
+            pool_size: 1,
+        })
+        .unwrap();
+        assert_eq!(r.key(&["events", "{3}"]), "t1:events:{3}");
+    }
+}

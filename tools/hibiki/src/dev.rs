@@ -1,0 +1,236 @@
+//! `hibiki dev`: the whole mesh in one process.
+//!
+//! Each service is the same `Application` a cluster runs, on its own gRPC and
+//! metrics port, calling the others over real gRPC on loopback. Before
+//! anything starts, PostgreSQL and Redis are checked; if one is missing the
+//! command says which, where it looked, and the command that starts it.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hibiki_runtime::app::{EXIT_CONFIG, Service};
+use hibiki_runtime::config::{Overlay, PostgresConfig, ProcessEnv, RedisConfig, RuntimeConfig};
+use hibiki_runtime::{HostError, Shutdown, grpc, postgres, redis, telemetry};
+use tokio::task::JoinHandle;
+
+/// Options of `hibiki dev`.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Address the services listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "HIBIKI_DEV_HOST")]
+    host: std::net::IpAddr,
+    /// First gRPC port: gateway, contacts, scenario, delivery and analytics
+    /// take this one and the four after it.
+    #[arg(long, default_value_t = 50051, env = "HIBIKI_DEV_GRPC_PORT")]
+    grpc_port: u16,
+    /// First metrics port, assigned in the same order.
+    #[arg(long, default_value_t = 9101, env = "HIBIKI_DEV_METRICS_PORT")]
+    metrics_port: u16,
+}
+
+/// A service started by `hibiki dev`.
+struct Running {
+    name: &'static str,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+    task: JoinHandle<Result<(), HostError>>,
+}
+
+/// Why `hibiki dev` cannot start.
+#[derive(Debug, thiserror::Error)]
+enum DevError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] hibiki_runtime::ConfigError),
+    #[error("{0}")]
+    Missing(String),
+    #[error("{name}: {source}")]
+    Start {
+        name: &'static str,
+        source: HostError,
+    },
+}
+
+pub async fn run(args: DevArgs) -> ExitCode {
+    let shared = match RuntimeConfig::from_env(&ProcessEnv, hibiki_gateway::DEFAULTS) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hibiki dev: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut telemetry_config = shared.telemetry.clone();
+    telemetry_config.service_name = "hibiki-dev".into();
+    let guard = match telemetry::init(&telemetry_config) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("hibiki dev: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let code = match start(&args, &shared).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(DevError::Missing(msg)) => {
+            eprintln!("\n{msg}");
+            ExitCode::from(69) // EX_UNAVAILABLE
+        }
+        Err(DevError::Config(e)) => {
+            eprintln!("hibiki dev: invalid configuration: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("hibiki dev: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    guard.shutdown();
+    code
+}
+
+async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
+    check_postgres(&shared.postgres).await?;
+    check_redis(&shared.redis).await?;
+
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on_signals();
+    let mut running = Vec::new();
+    running.push(launch::<hibiki_gateway::Application>(args, 0, &shutdown).await?);
+    running.push(launch::<hibiki_contacts::Application>(args, 1, &shutdown).await?);
+    running.push(launch::<hibiki_scenario::Application>(args, 2, &shutdown).await?);
+    running.push(launch::<hibiki_delivery::Application>(args, 3, &shutdown).await?);
+    running.push(launch::<hibiki_analytics::Application>(args, 4, &shutdown).await?);
+
+    println!("hibiki dev: the mesh runs in this process (Ctrl-C stops it)\n");
+    println!("  {:<10} {:<24} {:<24}", "service", "gRPC", "metrics");
+    for r in &running {
+        println!(
+            "  {:<10} {:<24} {:<24}",
+            r.name,
+            format!("http://{}", r.grpc),
+            format!("http://{}/metrics", r.metrics)
+        );
+    }
+    println!(
+        "\n  PostgreSQL {}   Redis {} (key prefix {:?})",
+        postgres_location(&shared.postgres),
+        redis_location(&shared.redis),
+        shared.redis.key_prefix
+    );
+
+    for r in &running {
+        let url = format!("http://{}", r.grpc);
+        match grpc::wait_for_health(&url, tonic_health::ServingStatus::Serving, Duration::from_secs(30)).await {
+            Ok(()) => println!("  {:<10} SERVING", r.name),
+            Err(e) => println!("  {:<10} not serving yet: {e}", r.name),
+        }
+    }
+    println!("\nhibiki dev: ready");
+
+    let mut failed = None;
+    for r in running {
+        match r.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shutdown.trigger();
+                failed.get_or_insert(DevError::Start {
+                    name: r.name,
+                    source: e,
+                });
+            }
+            Err(e) => {
+                shutdown.trigger();
+                tracing::error!(service = r.name, error = %e, "service task panicked");
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Builds service `S` on the `index`-th ports and runs it in the background.
+async fn launch<S: Service>(
+    args: &DevArgs,
+    index: u16,
+    shutdown: &Shutdown,
+) -> Result<Running, DevError> {
+    let grpc = SocketAddr::new(args.host, args.grpc_port + index);
+    let metrics = SocketAddr::new(args.host, args.metrics_port + index);
+    let env = Overlay::new(ProcessEnv)
+        .set("HIBIKI_GRPC_ADDR", grpc.to_string())
+        .set("HIBIKI_METRICS_ADDR", metrics.to_string());
+    let config = S::config_from_env(&env)?;
+    let name = S::DEFAULTS.name;
+    let app = S::build(config)
+        .await
+        .map_err(|source| DevError::Start { name, source })?;
+    let (grpc, metrics) = (app.grpc_addr(), app.metrics_addr());
+    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    Ok(Running {
+        name,
+        grpc,
+        metrics,
+        task,
+    })
+}
+
+fn postgres_location(config: &PostgresConfig) -> String {
+    match postgres::connect_options(config) {
+        Ok(o) => format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or("")
+        ),
+        Err(_) => "(unparsable HIBIKI_DATABASE_URL)".into(),
+    }
+}
+
+/// The Redis URL without credentials.
+fn redis_location(config: &RedisConfig) -> String {
+    let url = config.url.expose();
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
+        _ => url.to_owned(),
+    }
+}
+
+/// PostgreSQL answers and hibiki's database exists (created if missing).
+async fn check_postgres(config: &PostgresConfig) -> Result<(), DevError> {
+    let attempt = tokio::time::timeout(Duration::from_secs(5), postgres::ensure_database(config)).await;
+    let error = match attempt {
+        Ok(Ok(created)) => {
+            if created {
+                println!("hibiki dev: created database {}", postgres_location(config));
+            }
+            return Ok(());
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 5 s".into(),
+    };
+    Err(DevError::Missing(format!(
+        "hibiki dev: PostgreSQL is not reachable at {} (HIBIKI_DATABASE_URL, default {}):\n  {error}\n\n\
+         Start it with:\n    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n\
+         or, where PostgreSQL is not installed:\n    apt-get install -y postgresql && pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n\
+         hibiki connects as user `root` with trust auth by default; set HIBIKI_DATABASE_URL to use another server.",
+        postgres_location(config),
+        hibiki_runtime::config::DEFAULT_DATABASE_URL,
+    )))
+}
+
+/// Redis answers PING.
+async fn check_redis(config: &RedisConfig) -> Result<(), DevError> {
+    let error = match redis::Redis::connect_lazy(config) {
+        Err(e) => e.to_string(),
+        Ok(r) => match tokio::time::timeout(Duration::from_secs(5), r.ping()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 5 s".into(),
+        },
+    };
+    Err(DevError::Missing(format!(
+        "hibiki dev: Redis is not reachable at {} (HIBIKI_REDIS_URL, default {}):\n  {error}\n\n\
+         Start it with:\n    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no\n\
+         or, where Redis is not installed:\n    apt-get install -y redis-server && redis-server --daemonize yes --bind 127.0.0.1 --port 6379",
+        redis_location(config),
+        hibiki_runtime::config::DEFAULT_REDIS_URL,
+    )))
+}

@@ -1,0 +1,38 @@
+//! `hibiki`: the operator's command line.
+//!
+//! - `hibiki dev` runs every service in one process, each on its own port,
+//!   talking real gRPC over loopback, against the local PostgreSQL and Redis.
+#![forbid(unsafe_code)]
+
+mod dev;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// hibiki: LINE official-account marketing at high traffic.
+#[derive(Debug, Parser)]
+#[command(name = "hibiki", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole mesh in this process against local PostgreSQL and Redis.
+    Dev(dev::DevArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Dev(args) => dev::run(args).await,
+        }
+    })
+}
