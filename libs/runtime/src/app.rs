@@ -38,7 +38,10 @@ pub trait Service: Sized + Send + 'static {
     fn metrics_addr(&self) -> SocketAddr;
 
     /// Serves until `shutdown` is triggered, then drains.
-    fn run_until_stopped(self, shutdown: Shutdown) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn run_until_stopped(
+        self,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
 }
 
 /// The whole `main` of a service binary.

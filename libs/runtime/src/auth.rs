@@ -209,7 +209,11 @@ where
             }
             Err(status) => {
                 metrics::counter!("hibiki_grpc_auth_rejected_total").increment(1);
-                tracing::debug!(path, reason = status.message(), "rpc rejected: not authenticated");
+                tracing::debug!(
+                    path,
+                    reason = status.message(),
+                    "rpc rejected: not authenticated"
+                );
                 Either::Left(ready(Ok(status.into_http())))
             }
         }
@@ -243,7 +247,12 @@ mod tests {
 
     #[test]
     fn an_unknown_or_malformed_token_is_unauthenticated() {
-        for h in ["Bearer nope-nope-nope-nope", "Basic abc", "Bearer ", "acme-token-0123456789"] {
+        for h in [
+            "Bearer nope-nope-nope-nope",
+            "Basic abc",
+            "Bearer ",
+            "acme-token-0123456789",
+        ] {
             let err = authenticator().authenticate(&headers(Some(h))).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{h}");
             assert!(!err.message().contains("0123456789"), "token echoed: {err}");

@@ -208,14 +208,15 @@ impl<'a> Reader<'a> {
     /// A URL whose scheme is one of `schemes`.
     pub fn url(&self, key: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
         let url = self.string(key, default);
-        let scheme_ok = schemes
-            .iter()
-            .any(|s| url.starts_with(&format!("{s}://")));
+        let scheme_ok = schemes.iter().any(|s| url.starts_with(&format!("{s}://")));
         if !scheme_ok {
             // The URL may hold a password: name the expected schemes, not the value.
             return Err(ConfigError::new(
                 key,
-                format!("must be a URL starting with {}", schemes.join("://, ") + "://"),
+                format!(
+                    "must be a URL starting with {}",
+                    schemes.join("://, ") + "://"
+                ),
             ));
         }
         Ok(url)
@@ -515,7 +516,10 @@ mod tests {
             ("HIBIKI_OTLP_ENDPOINT", "http://collector:4317"),
             ("HIBIKI_LOG_FORMAT", "json"),
             ("HIBIKI_REDIS_PREFIX", "t42"),
-            ("HIBIKI_SERVICE_TOKENS", "new-token-0123456789, old-token-0123456789"),
+            (
+                "HIBIKI_SERVICE_TOKENS",
+                "new-token-0123456789, old-token-0123456789",
+            ),
             ("HIBIKI_OPERATOR_TOKENS", "acme=acme-token-0123456789"),
         ];
         let c = RuntimeConfig::from_env(&env, CONTACTS).unwrap();

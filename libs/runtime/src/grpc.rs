@@ -75,7 +75,9 @@ impl GrpcRoutes {
     /// set.
     pub fn finish(
         mut self,
-        health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        health: tonic_health::pb::health_server::HealthServer<
+            impl tonic_health::pb::health_server::Health,
+        >,
     ) -> Routes {
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hibiki_proto::FILE_DESCRIPTOR_SET)
@@ -210,7 +212,7 @@ where
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<i32>().ok())
-                        .map(|c| tonic::Code::from_i32(c))
+                        .map(tonic::Code::from_i32)
                         .unwrap_or(tonic::Code::Ok),
                     // Shed by the concurrency limit (tonic maps it to
                     // RESOURCE_EXHAUSTED further out).
@@ -272,7 +274,10 @@ impl ClientInterceptor {
 }
 
 impl tonic::service::Interceptor for ClientInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         request
             .metadata_mut()
             .insert("authorization", self.authorization.clone());

@@ -74,9 +74,8 @@ pub struct ServiceHost {
     postgres: Option<PgPool>,
     redis: Option<Redis>,
     health: HealthReporter,
-    health_server: tonic_health::pb::health_server::HealthServer<
-        tonic_health::server::HealthService,
-    >,
+    health_server:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, HostError> {
@@ -207,9 +206,8 @@ impl ServiceHost {
         };
         shutdown.trigger();
         let _ = monitor.await;
-        match metrics_task.await {
-            Ok(Err(e)) => return Err(HostError::Metrics(e)),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = metrics_task.await {
+            return Err(HostError::Metrics(e));
         }
         tracing::info!(service, "stopped");
         result
@@ -271,7 +269,11 @@ async fn monitor(
                 tracing::warn!(service, problems = ?problems, "dependencies unreachable: NOT_SERVING");
                 set_all(&health, &names, ServingStatus::NotServing).await;
             }
-            ::metrics::gauge!("hibiki_serving", "service" => service).set(if ok { 1.0 } else { 0.0 });
+            ::metrics::gauge!("hibiki_serving", "service" => service).set(if ok {
+                1.0
+            } else {
+                0.0
+            });
             serving = Some(ok);
         }
         tokio::select! {

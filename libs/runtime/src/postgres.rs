@@ -57,7 +57,9 @@ pub async fn migrate(
 ) -> Result<(), PostgresError> {
     // The schema name is a compile-time constant of the service, never input.
     let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
-    sqlx::query(sqlx::AssertSqlSafe(create)).execute(pool).await?;
+    sqlx::query(sqlx::AssertSqlSafe(create))
+        .execute(pool)
+        .await?;
     migrator
         .run(pool)
         .await
@@ -83,7 +85,10 @@ pub async fn ensure_database(config: &PostgresConfig) -> Result<bool, PostgresEr
         return Ok(false);
     }
     let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-    match sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut admin).await {
+    match sqlx::query(sqlx::AssertSqlSafe(create))
+        .execute(&mut admin)
+        .await
+    {
         Ok(_) => Ok(true),
         // Another process created it between our check and our CREATE.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),

@@ -240,7 +240,10 @@ mod tests {
             // The consumer's span becomes a child in the same trace.
             let consumer = tracing::info_span!("queue.consume");
             assert!(set_parent(&consumer, context_from_payload(&payload)));
-            assert_eq!(trace_id(&consumer.context()).as_deref(), Some(sent.as_str()));
+            assert_eq!(
+                trace_id(&consumer.context()).as_deref(),
+                Some(sent.as_str())
+            );
         });
     }
 

@@ -1,1 +1,487 @@
+//! Test helpers for hibiki's integration tests, so tests cannot interfere
+//! with each other: a fresh PostgreSQL database per test (dropped when the
+//! test ends), a fresh Redis key prefix, private `redis-server` processes a
+//! test may stop and restart, free ports, and waits on gRPC health and
+//! reflection with deadlines instead of sleeps.
+//!
+//! The shared PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) must be
+//! running: `.ci/run` starts them. A helper that cannot reach them panics
+//! with the command that starts them; it never skips.
+#![forbid(unsafe_code)]
 
+pub mod probe;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hibiki_runtime::config::{DEFAULT_REDIS_URL, PostgresConfig, Secret};
+use hibiki_runtime::postgres;
+use rand::Rng;
+use sqlx::Connection;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// PostgreSQL server tests use, as root with trust auth.
+pub const POSTGRES_SERVER: &str = "postgres://root@127.0.0.1:5432";
+
+/// A short random lowercase id, for database names and key prefixes.
+pub fn random_id() -> String {
+    let mut rng = rand::rng();
+    (0..12)
+        .map(|_| (b'a' + rng.random_range(0..26)) as char)
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; another process could
+/// take it in between, which on a test machine does not happen in practice).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+/// A database of its own for one test; dropped (forcibly) when this value is.
+pub struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates `hibiki_test_<random>` on the shared server.
+    pub async fn create() -> Self {
+        let name = format!("hibiki_test_{}", random_id());
+        let url = format!("{POSTGRES_SERVER}/{name}");
+        let config = PostgresConfig {
+            url: Secret::new(url.clone()),
+            max_connections: 2,
+        };
+        postgres::ensure_database(&config).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {POSTGRES_SERVER} is needed by this test and is not reachable: {e}\n\
+                 start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+            )
+        });
+        Self { name, url }
+    }
+
+    /// A fresh database name that is not created: for code under test that
+    /// creates its database itself. Dropped like one created here.
+    pub fn reserve() -> Self {
+        let name = format!("hibiki_test_{}", random_id());
+        let url = format!("{POSTGRES_SERVER}/{name}");
+        Self { name, url }
+    }
+
+    /// Whether the database exists on the shared server.
+    pub async fn exists(&self) -> bool {
+        let mut conn = sqlx::PgConnection::connect(&format!("{POSTGRES_SERVER}/postgres"))
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 answers");
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&self.name)
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_database can be read")
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot block on async
+        // work: do it on a thread with a runtime of its own.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for dropping the test database");
+            rt.block_on(async move {
+                let mut conn =
+                    sqlx::PgConnection::connect(&format!("{POSTGRES_SERVER}/postgres")).await?;
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("warning: could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// A `redis-server` of the test's own on a free port, which the test may stop
+/// and start again (on the same port) to see how a service copes.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers PING.
+    pub async fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, waiting until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (apt-get install -y redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if redis_answers(&self.url()).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer within 10 s",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn redis_answers(url: &str) -> bool {
+    let Ok(client) = hibiki_runtime::redis::redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    hibiki_runtime::redis::redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
+
+/// Settings for a service under test: its own database, the shared Redis
+/// (or `redis_url`), a fresh key prefix, and port 0 for every listener.
+pub fn service_env(database: &TestDatabase, redis_url: Option<&str>) -> HashMap<String, String> {
+    HashMap::from([
+        ("HIBIKI_DATABASE_URL".into(), database.url().to_owned()),
+        (
+            "HIBIKI_REDIS_URL".into(),
+            redis_url.unwrap_or(DEFAULT_REDIS_URL).to_owned(),
+        ),
+        (
+            "HIBIKI_REDIS_PREFIX".into(),
+            format!("test-{}", random_id()),
+        ),
+        ("HIBIKI_GRPC_ADDR".into(), "127.0.0.1:0".into()),
+        ("HIBIKI_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+    ])
+}
+
+/// Waits until `url` reports `want` over gRPC health; panics after 20 s.
+pub async fn wait_for_health(url: &str, want: tonic_health::ServingStatus) {
+    if let Err(e) = hibiki_runtime::grpc::wait_for_health(url, want, Duration::from_secs(20)).await
+    {
+        panic!("{e}");
+    }
+}
+
+/// The services `url` lists over gRPC reflection (v1), sorted.
+pub async fn reflected_services(url: &str) -> Vec<String> {
+    let channel = hibiki_runtime::grpc::channel(url).expect("a valid URL");
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .expect("reflection answers")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("a reflection response")
+        .expect("one message");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response: {response:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+/// A service binary running as a child process.
+pub struct ServiceProcess {
+    child: Child,
+    /// Its gRPC URL.
+    pub url: String,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `env` (on top of the test's environment) on a free
+    /// gRPC and metrics port.
+    pub fn spawn(binary: &Path, mut env: HashMap<String, String>) -> Self {
+        let port = free_port();
+        env.insert("HIBIKI_GRPC_ADDR".into(), format!("127.0.0.1:{port}"));
+        env.insert("HIBIKI_METRICS_ADDR".into(), "127.0.0.1:0".into());
+        env.entry("HIBIKI_LOG_FORMAT".into())
+            .or_insert_with(|| "json".into());
+        let child = Command::new(binary)
+            .envs(env)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after
+    /// `timeout`.
+    /// (Async so that the test's own client connections keep running and can
+    /// answer the server's GOAWAY while it drains.)
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the child") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder a test can cut and restore, to see how a service copes
+/// with a store going away and coming back without stopping the shared
+/// server itself.
+pub struct TcpProxy {
+    port: u16,
+    target: std::net::SocketAddr,
+    cut: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl TcpProxy {
+    /// Forwards a free local port to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let mut proxy = Self {
+            port: free_port(),
+            target,
+            cut: None,
+        };
+        proxy.restore().await;
+        proxy
+    }
+
+    /// The local port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes the listener and every forwarded connection.
+    pub fn cut(&mut self) {
+        if let Some(token) = self.cut.take() {
+            token.cancel();
+        }
+    }
+
+    /// Listens and forwards again, on the same port.
+    pub async fn restore(&mut self) {
+        self.cut();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("rebinding the proxy port");
+        let token = tokio_util::sync::CancellationToken::new();
+        let target = self.target;
+        let stop = token.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        self.cut = Some(token);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// Behaviour every service shares, checked once per service so that each
+/// binary and each service's wiring of stores is proven, not assumed.
+pub mod lifecycle {
+    use super::*;
+    use hibiki_runtime::Shutdown;
+    use hibiki_runtime::app::Service;
+    use tonic_health::ServingStatus;
+
+    /// The services every hibiki server lists over reflection.
+    pub const BASE_SERVICES: [&str; 2] = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ];
+
+    /// The binary starts against the real stores, reports SERVING, lists
+    /// `expected_services` (besides health and reflection) over reflection,
+    /// and exits cleanly within a second of SIGTERM.
+    pub async fn binary_serves_and_stops_on_sigterm(binary: &Path, expected_services: &[&str]) {
+        let database = TestDatabase::create().await;
+        let mut process = ServiceProcess::spawn(binary, service_env(&database, None));
+        wait_for_health(&process.url, ServingStatus::Serving).await;
+
+        let mut want: Vec<String> = BASE_SERVICES
+            .iter()
+            .chain(expected_services)
+            .map(|s| (*s).to_owned())
+            .collect();
+        want.sort();
+        assert_eq!(reflected_services(&process.url).await, want);
+
+        process.terminate();
+        let status = process
+            .wait_exit(Duration::from_secs(1))
+            .await
+            .expect("the service exits within a second of SIGTERM");
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+    }
+
+    /// Starts `S` in-process with `env`; returns its gRPC URL, its shutdown
+    /// signal and its task.
+    pub async fn start<S: Service>(
+        env: &HashMap<String, String>,
+    ) -> (
+        String,
+        Shutdown,
+        tokio::task::JoinHandle<Result<(), hibiki_runtime::HostError>>,
+    ) {
+        let config = S::config_from_env(env).expect("a valid test configuration");
+        let app = S::build(config).await.expect("the service builds");
+        let url = format!("http://{}", app.grpc_addr());
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        (url, shutdown, task)
+    }
+
+    /// Health goes NOT_SERVING while Redis is down and SERVING again once it
+    /// is back, with no restart of the service.
+    pub async fn health_follows_redis<S: Service>() {
+        let database = TestDatabase::create().await;
+        let mut redis = RedisServer::start().await;
+        let env = service_env(&database, Some(&redis.url()));
+        let (url, shutdown, task) = start::<S>(&env).await;
+        wait_for_health(&url, ServingStatus::Serving).await;
+
+        redis.stop();
+        wait_for_health(&url, ServingStatus::NotServing).await;
+
+        redis.restart().await;
+        wait_for_health(&url, ServingStatus::Serving).await;
+
+        shutdown.trigger();
+        task.await.expect("no panic").expect("a clean stop");
+    }
+
+    /// Health is NOT_SERVING while PostgreSQL is unreachable (from the
+    /// start: migrations cannot run), and SERVING once it is reachable.
+    pub async fn health_follows_postgres<S: Service>() {
+        let database = TestDatabase::create().await;
+        let mut proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+        proxy.cut();
+        let mut env = service_env(&database, None);
+        let name = database.url().rsplit('/').next().unwrap().to_owned();
+        env.insert(
+            "HIBIKI_DATABASE_URL".into(),
+            format!("postgres://root@127.0.0.1:{}/{name}", proxy.port()),
+        );
+        let (url, shutdown, task) = start::<S>(&env).await;
+        wait_for_health(&url, ServingStatus::NotServing).await;
+
+        proxy.restore().await;
+        wait_for_health(&url, ServingStatus::Serving).await;
+
+        proxy.cut();
+        wait_for_health(&url, ServingStatus::NotServing).await;
+
+        shutdown.trigger();
+        task.await.expect("no panic").expect("a clean stop");
+    }
+}

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use hibiki_runtime::app::Service;
 use hibiki_runtime::grpc::GrpcRoutes;
-use hibiki_runtime::{ConfigError, Env, HostError, Needs, RuntimeConfig, ServiceDefaults, ServiceHost, Shutdown};
+use hibiki_runtime::{
+    ConfigError, Env, HostError, Needs, RuntimeConfig, ServiceDefaults, ServiceHost, Shutdown,
+};
 
 /// Name and default ports (gRPC 50051, metrics 9101).
 pub const DEFAULTS: ServiceDefaults = ServiceDefaults {

@@ -119,7 +119,13 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
 
     for r in &running {
         let url = format!("http://{}", r.grpc);
-        match grpc::wait_for_health(&url, tonic_health::ServingStatus::Serving, Duration::from_secs(30)).await {
+        match grpc::wait_for_health(
+            &url,
+            tonic_health::ServingStatus::Serving,
+            Duration::from_secs(30),
+        )
+        .await
+        {
             Ok(()) => println!("  {:<10} SERVING", r.name),
             Err(e) => println!("  {:<10} not serving yet: {e}", r.name),
         }
@@ -195,7 +201,8 @@ fn redis_location(config: &RedisConfig) -> String {
 
 /// PostgreSQL answers and hibiki's database exists (created if missing).
 async fn check_postgres(config: &PostgresConfig) -> Result<(), DevError> {
-    let attempt = tokio::time::timeout(Duration::from_secs(5), postgres::ensure_database(config)).await;
+    let attempt =
+        tokio::time::timeout(Duration::from_secs(5), postgres::ensure_database(config)).await;
     let error = match attempt {
         Ok(Ok(created)) => {
             if created {

@@ -1,0 +1,25 @@
+# hibiki's two commands are `make run` and `make test`; see README.md.
+CARGO ?= cargo
+
+.PHONY: run test lint bench build
+
+## run: the whole mesh in one process against local PostgreSQL and Redis
+run:
+	$(CARGO) run --quiet -p hibiki-cli --bin hibiki -- dev
+
+## test: every test, against the real PostgreSQL and Redis
+test:
+	$(CARGO) test --workspace --all-targets
+
+## lint: formatting and clippy, warnings as errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: every benchmark under bench/, printing its figures
+bench:
+	bash bench/run
+
+## build: every crate, tests included
+build:
+	$(CARGO) build --workspace --all-targets

@@ -1,0 +1,155 @@
+//! `hibiki dev` brings up the whole mesh, each service SERVING on its own
+//! port, and says exactly what is missing when a store is not there.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hibiki_testkit::{TestDatabase, free_port, random_id, wait_for_health};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tonic_health::ServingStatus;
+
+const SERVICES: [&str; 5] = ["gateway", "contacts", "scenario", "delivery", "analytics"];
+
+fn hibiki() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hibiki"));
+    cmd.env("HIBIKI_LOG_FORMAT", "json")
+        .env("HIBIKI_REDIS_PREFIX", format!("test-{}", random_id()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A base port with the ones after it free too (`len` in all).
+fn free_port_run(len: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base > u16::MAX - len {
+            continue;
+        }
+        let all_free =
+            (0..len).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+}
+
+#[tokio::test]
+async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own_port() {
+    let database = TestDatabase::reserve();
+    let grpc_base = free_port_run(5);
+    let metrics_base = free_port_run(5);
+    let mut child = hibiki()
+        .args(["dev", "--grpc-port", &grpc_base.to_string()])
+        .args(["--metrics-port", &metrics_base.to_string()])
+        .env("HIBIKI_DATABASE_URL", database.url())
+        .spawn()
+        .expect("hibiki starts");
+
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            let done = line.contains("hibiki dev: ready");
+            printed.push(line);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    let printed = printed.join("\n");
+    assert!(
+        ready.is_ok(),
+        "hibiki dev did not get ready; printed:\n{printed}"
+    );
+
+    assert!(database.exists().await, "hibiki dev creates its database");
+    for (i, name) in SERVICES.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{}", grpc_base + i as u16);
+        assert!(
+            printed.contains(&format!("{name:<10} {url}")),
+            "{name} at {url} not printed:\n{printed}"
+        );
+        assert!(
+            printed.contains(&format!("{name:<10} SERVING")),
+            "{name} not SERVING:\n{printed}"
+        );
+        wait_for_health(&url, ServingStatus::Serving).await;
+        let metrics = format!("127.0.0.1:{}/metrics", metrics_base + i as u16);
+        assert!(
+            printed.contains(&metrics),
+            "{metrics} not printed:\n{printed}"
+        );
+    }
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("hibiki dev stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn dev_without_redis_names_it_where_it_looked_and_how_to_start_it() {
+    let database = TestDatabase::reserve();
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let output = hibiki()
+        .args(["dev"])
+        .env("HIBIKI_DATABASE_URL", database.url())
+        .env("HIBIKI_REDIS_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&format!("Redis is not reachable at {url}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("redis-server --daemonize yes"), "{stderr}");
+    assert!(!stderr.contains("PostgreSQL is not reachable"), "{stderr}");
+}
+
+#[tokio::test]
+async fn dev_without_postgres_names_it_where_it_looked_and_how_to_start_it() {
+    let port = free_port();
+    let output = hibiki()
+        .args(["dev"])
+        .env(
+            "HIBIKI_DATABASE_URL",
+            format!("postgres://root@127.0.0.1:{port}/hibiki"),
+        )
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "PostgreSQL is not reachable at 127.0.0.1:{port}/hibiki"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pg_ctlcluster"), "{stderr}");
+}
+
+#[tokio::test]
+async fn dev_rejects_an_invalid_setting_by_name() {
+    let output = hibiki()
+        .args(["dev"])
+        .env("HIBIKI_TRACE_SAMPLE_RATIO", "2")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("HIBIKI_TRACE_SAMPLE_RATIO"), "{stderr}");
+}
