@@ -5,8 +5,8 @@
 //! service runs (timeout, telemetry span and metrics, bearer-token auth with
 //! the tenant check, load shed at the concurrency limit), called through the
 //! mesh's client interceptor (token and trace context). The same load runs
-//! against each in turn: `--concurrency` callers sharing one HTTP/2
-//! connection, for `--seconds` after a warm-up. Printed: calls per second,
+//! against each in turn: `--concurrency` callers spread over `--connections`
+//! HTTP/2 connections, for `--seconds` after a warm-up. Printed: calls per second,
 //! p50 and p99 latency of each, and the stack's throughput as a fraction of
 //! the baseline's.
 
@@ -28,6 +28,9 @@ struct Args {
     /// Concurrent callers.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// HTTP/2 connections the callers spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
     /// Measured seconds per server.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -43,14 +46,16 @@ struct Figures {
 }
 
 async fn load(url: &str, token: Option<&str>, args: &Args) -> Figures {
-    let client = ProbeClient::new(url, token);
+    let clients: Vec<ProbeClient> = (0..args.connections.max(1))
+        .map(|_| ProbeClient::new(url, token))
+        .collect();
     let run = |seconds: u64| {
-        let client = client.clone();
+        let clients = clients.clone();
         async move {
             let deadline = Instant::now() + Duration::from_secs(seconds);
             let tasks: Vec<_> = (0..args.concurrency)
-                .map(|_| {
-                    let mut client = client.clone();
+                .map(|i| {
+                    let mut client = clients[i % clients.len()].clone();
                     tokio::spawn(async move {
                         let mut latencies = Latencies::default();
                         while Instant::now() < deadline {
@@ -91,7 +96,9 @@ async fn baseline_server() -> String {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_routes(routes)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await
             .expect("the baseline server runs");
     });
@@ -144,8 +151,8 @@ async fn main() {
     hibiki_runtime::metrics::recorder();
 
     println!(
-        "grpc_stack: {} callers on one HTTP/2 connection, {} s measured per server",
-        args.concurrency, args.seconds
+        "grpc_stack: {} callers over {} HTTP/2 connections, {} s measured per server",
+        args.concurrency, args.connections, args.seconds
     );
     let baseline = load(&baseline_server().await, None, &args).await;
     let hibiki = load(&hibiki_server().await, Some(TOKEN), &args).await;

@@ -9,6 +9,7 @@
 //! with the command that starts them; it never skips.
 #![forbid(unsafe_code)]
 
+pub mod otlp;
 pub mod probe;
 
 use std::collections::HashMap;
