@@ -158,6 +158,8 @@ impl ServiceHost {
             .iter()
             .map(|s| (*s).to_owned())
             .collect();
+        // Install the recorder before anything records.
+        metrics::recorder();
         let monitor = tokio::spawn(monitor(
             service,
             self.needs,
@@ -168,7 +170,6 @@ impl ServiceHost {
             shutdown.clone(),
         ));
 
-        metrics::recorder();
         let metrics_task = tokio::spawn(metrics::serve(self.metrics_listener, shutdown.wait()));
 
         let routes = routes.finish(self.health_server);

@@ -124,6 +124,33 @@ impl Drop for TestDatabase {
     }
 }
 
+/// `GET /metrics` from `addr`: the status code and the body.
+pub async fn scrape_metrics(addr: std::net::SocketAddr) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the metrics port {addr}: {e}"));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: hibiki\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("sending the scrape");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("reading the scrape");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A `redis-server` of the test's own on a free port, which the test may stop
 /// and start again (on the same port) to see how a service copes.
 pub struct RedisServer {
@@ -258,6 +285,8 @@ pub struct ServiceProcess {
     child: Child,
     /// Its gRPC URL.
     pub url: String,
+    /// Its metrics address.
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 impl ServiceProcess {
@@ -265,10 +294,14 @@ impl ServiceProcess {
     /// gRPC and metrics port.
     pub fn spawn(binary: &Path, mut env: HashMap<String, String>) -> Self {
         let port = free_port();
+        let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         env.insert("HIBIKI_GRPC_ADDR".into(), format!("127.0.0.1:{port}"));
-        env.insert("HIBIKI_METRICS_ADDR".into(), "127.0.0.1:0".into());
+        env.insert("HIBIKI_METRICS_ADDR".into(), metrics_addr.to_string());
         env.entry("HIBIKI_LOG_FORMAT".into())
             .or_insert_with(|| "json".into());
+        // Warnings and errors reach the test's output; the rest is noise.
+        env.entry("HIBIKI_LOG".into())
+            .or_insert_with(|| "warn".into());
         let child = Command::new(binary)
             .envs(env)
             .stdout(Stdio::null())
@@ -277,6 +310,7 @@ impl ServiceProcess {
         Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            metrics_addr,
         }
     }
 
@@ -403,7 +437,8 @@ pub mod lifecycle {
 
     /// The binary starts against the real stores, reports SERVING, lists
     /// `expected_services` (besides health and reflection) over reflection,
-    /// and exits cleanly within a second of SIGTERM.
+    /// serves Prometheus metrics, and exits cleanly within a second of
+    /// SIGTERM.
     pub async fn binary_serves_and_stops_on_sigterm(binary: &Path, expected_services: &[&str]) {
         let database = TestDatabase::create().await;
         let mut process = ServiceProcess::spawn(binary, service_env(&database, None));
@@ -416,6 +451,13 @@ pub mod lifecycle {
             .collect();
         want.sort();
         assert_eq!(reflected_services(&process.url).await, want);
+
+        let (status, body) = scrape_metrics(process.metrics_addr).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("hibiki_serving"),
+            "metrics lack hibiki_serving:\n{body}"
+        );
 
         process.terminate();
         let status = process
