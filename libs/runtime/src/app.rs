@@ -13,8 +13,8 @@ use crate::host::HostError;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
-/// Exit code for a configuration error (EX_CONFIG would be 78; hibiki uses
-/// EX_USAGE, 64, as the issue tracker and docs state).
+/// Exit code for a configuration error: 64 (EX_USAGE), as the README
+/// documents.
 pub const EXIT_CONFIG: u8 = 64;
 
 /// A hibiki service: built from its config, run until shutdown.
