@@ -15,6 +15,7 @@ pub mod postgres;
 pub mod redis;
 pub mod shutdown;
 pub mod telemetry;
+pub mod timestamp;
 
 pub use auth::Caller;
 pub use config::{ConfigError, Env, Overlay, ProcessEnv, RuntimeConfig, Secret, ServiceDefaults};

@@ -228,8 +228,35 @@ async fn redis_answers(url: &str) -> bool {
         .is_ok()
 }
 
+/// The service token services under test accept.
+pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
+
+/// Tenants for which services under test accept an operator token.
+pub const OPERATOR_TENANTS: [&str; 2] = ["acme", "globex"];
+
+/// The operator token of `tenant` (one of [`OPERATOR_TENANTS`]).
+pub fn operator_token(tenant: &str) -> String {
+    format!("operator-{tenant}-token-0123456789")
+}
+
+/// A channel to `url` that presents `token` and the current trace context
+/// on every call: wrap it in a generated client.
+pub fn authorized(
+    url: &str,
+    token: &str,
+) -> tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    hibiki_runtime::grpc::ClientInterceptor,
+> {
+    let channel = hibiki_runtime::grpc::channel(url).expect("a valid URL");
+    let interceptor =
+        hibiki_runtime::grpc::ClientInterceptor::new(&Secret::new(token)).expect("an ASCII token");
+    tonic::service::interceptor::InterceptedService::new(channel, interceptor)
+}
+
 /// Settings for a service under test: its own database, the shared Redis
-/// (or `redis_url`), a fresh key prefix, and port 0 for every listener.
+/// (or `redis_url`), a fresh key prefix, port 0 for every listener, the test
+/// service token and operator tokens for [`OPERATOR_TENANTS`].
 pub fn service_env(database: &TestDatabase, redis_url: Option<&str>) -> HashMap<String, String> {
     HashMap::from([
         ("HIBIKI_DATABASE_URL".into(), database.url().to_owned()),
@@ -243,6 +270,15 @@ pub fn service_env(database: &TestDatabase, redis_url: Option<&str>) -> HashMap<
         ),
         ("HIBIKI_GRPC_ADDR".into(), "127.0.0.1:0".into()),
         ("HIBIKI_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+        ("HIBIKI_SERVICE_TOKENS".into(), SERVICE_TOKEN.into()),
+        (
+            "HIBIKI_OPERATOR_TOKENS".into(),
+            OPERATOR_TENANTS
+                .iter()
+                .map(|t| format!("{t}={}", operator_token(t)))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ])
 }
 

@@ -1,8 +1,15 @@
 //! contacts: the source of truth for tenants, LINE channels, contacts, tags, typed attributes, segments, segment membership and exact segment counts, plus the bulk contact sync.
 #![forbid(unsafe_code)]
 
+pub mod error;
+pub mod page;
+pub mod registry;
+pub mod tenants;
+pub mod validate;
+
 use std::net::SocketAddr;
 
+use hibiki_proto::contacts::v1::tenant_service_server::TenantServiceServer;
 use hibiki_runtime::app::Service;
 use hibiki_runtime::grpc::GrpcRoutes;
 use hibiki_runtime::{
@@ -45,6 +52,9 @@ impl Config {
 pub struct Application {
     host: ServiceHost,
     routes: GrpcRoutes,
+    /// Stops the service's own background tasks; triggered by the shutdown
+    /// `run_until_stopped` is given.
+    tasks: Shutdown,
 }
 
 impl Service for Application {
@@ -58,9 +68,22 @@ impl Service for Application {
 
     async fn build(config: Config) -> Result<Self, HostError> {
         let host = ServiceHost::bind(config.runtime, NEEDS).await?;
+        let pool = host
+            .postgres()
+            .expect("contacts declares that it needs PostgreSQL")
+            .clone();
+        let tasks = Shutdown::new();
+        let registry = registry::Registry::start(pool.clone(), tasks.clone());
+        let mut routes = GrpcRoutes::new();
+        routes.add(TenantServiceServer::new(tenants::Tenants::new(
+            pool,
+            registry,
+            tasks.clone(),
+        )));
         Ok(Self {
             host,
-            routes: GrpcRoutes::new(),
+            routes,
+            tasks,
         })
     }
 
@@ -73,6 +96,14 @@ impl Service for Application {
     }
 
     async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
-        self.host.run(self.routes, shutdown).await
+        let tasks = self.tasks.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tasks.trigger();
+        });
+        let result = self.host.run(self.routes, shutdown).await;
+        self.tasks.trigger();
+        result
     }
 }
