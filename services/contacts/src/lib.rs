@@ -1,9 +1,11 @@
 //! contacts: the source of truth for tenants, LINE channels, contacts, tags, typed attributes, segments, segment membership and exact segment counts, plus the bulk contact sync.
 #![forbid(unsafe_code)]
 
+pub mod attrs;
 pub mod error;
 pub mod page;
 pub mod registry;
+pub mod rules;
 pub mod tenants;
 pub mod validate;
 
@@ -24,7 +26,7 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
 };
 
 /// The service's migrations (`migrations/`), applied into its own schema.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The stores this service needs to report SERVING.
 const NEEDS: Needs = Needs {
