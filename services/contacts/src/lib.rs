@@ -2,15 +2,22 @@
 #![forbid(unsafe_code)]
 
 pub mod attrs;
+pub mod contacts;
 pub mod error;
+pub mod import;
+pub mod outbox;
 pub mod page;
 pub mod registry;
 pub mod rules;
+pub mod segments;
+pub mod store;
 pub mod tenants;
 pub mod validate;
 
 use std::net::SocketAddr;
 
+use hibiki_proto::contacts::v1::contact_service_server::ContactServiceServer;
+use hibiki_proto::contacts::v1::segment_service_server::SegmentServiceServer;
 use hibiki_proto::contacts::v1::tenant_service_server::TenantServiceServer;
 use hibiki_runtime::app::Service;
 use hibiki_runtime::grpc::GrpcRoutes;
@@ -39,6 +46,8 @@ const NEEDS: Needs = Needs {
 pub struct Config {
     /// Settings shared by every service.
     pub runtime: RuntimeConfig,
+    /// The bulk import.
+    pub import: import::ImportConfig,
 }
 
 impl Config {
@@ -46,6 +55,7 @@ impl Config {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             runtime: RuntimeConfig::from_env(env, DEFAULTS)?,
+            import: import::ImportConfig::from_env(env)?,
         })
     }
 }
@@ -69,18 +79,34 @@ impl Service for Application {
     }
 
     async fn build(config: Config) -> Result<Self, HostError> {
+        let postgres_config = config.runtime.postgres.clone();
         let host = ServiceHost::bind(config.runtime, NEEDS).await?;
         let pool = host
             .postgres()
             .expect("contacts declares that it needs PostgreSQL")
             .clone();
+        let redis = host
+            .redis()
+            .expect("contacts declares that it needs Redis")
+            .clone();
         let tasks = Shutdown::new();
         let registry = registry::Registry::start(pool.clone(), tasks.clone());
+        let relay = outbox::Relay::start(pool.clone(), redis, tasks.clone());
+        let computer = segments::Computer::start(pool.clone(), tasks.clone());
+        let importer = import::Importer::new(&postgres_config, config.import)?;
         let mut routes = GrpcRoutes::new();
         routes.add(TenantServiceServer::new(tenants::Tenants::new(
-            pool,
+            pool.clone(),
             registry,
             tasks.clone(),
+        )));
+        routes.add(ContactServiceServer::new(contacts::Contacts::new(
+            pool.clone(),
+            importer,
+            relay,
+        )));
+        routes.add(SegmentServiceServer::new(segments::Segments::new(
+            pool, computer,
         )));
         Ok(Self {
             host,

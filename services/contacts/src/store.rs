@@ -1,0 +1,488 @@
+//! The transactional core every contact mutation goes through:
+//!
+//! 1. lock the contacts (creating missing ones), always in `line_user_id`
+//!    order so concurrent batches cannot deadlock;
+//! 2. change them in Rust and write them back in one statement;
+//! 3. re-evaluate only the segments whose rules read what changed (all of
+//!    the tenant's segments for a created or erased contact): lock those
+//!    segment rows in `segment_id` order, read the current memberships
+//!    *after* the lock (so a concurrent writer or a segment computation is
+//!    seen), insert and delete membership rows and move each segment's count
+//!    by the net change;
+//! 4. write the membership changes to the outbox.
+//!
+//! All in the caller's transaction: the contact, its memberships, the counts
+//! and the outbox commit together or not at all.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use hibiki_proto::common::v1::TraceContext;
+use hibiki_proto::contacts::v1::{Contact, MembershipChange, MembershipChangeRecord, SegmentRule};
+use hibiki_runtime::timestamp::{to_proto, to_proto_opt};
+use prost::Message;
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use crate::attrs::{self, Attributes};
+use crate::error::{Error, Result};
+use crate::rules::{ContactState, Rule};
+
+/// One contact row.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ContactRow {
+    /// Tenant.
+    pub tenant_id: String,
+    /// LINE user id.
+    pub line_user_id: String,
+    /// `FollowState` number.
+    pub follow_state: i16,
+    /// First follow.
+    pub first_followed_at: Option<DateTime<Utc>>,
+    /// Latest follow.
+    pub followed_at: Option<DateTime<Utc>>,
+    /// Latest block.
+    pub blocked_at: Option<DateTime<Utc>>,
+    /// Re-follows after a block.
+    pub refollow_count: i32,
+    /// LINE time of the follow / unfollow event that set the state.
+    pub follow_event_at: Option<DateTime<Utc>>,
+    /// Display name.
+    pub display_name: String,
+    /// Latest event from the user.
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// Tags (kept sorted).
+    pub tags: Vec<String>,
+    /// Stored attributes.
+    pub attributes: serde_json::Value,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The columns of [`ContactRow`], for `SELECT`s.
+pub const CONTACT_COLUMNS: &str = "tenant_id, line_user_id, follow_state, first_followed_at, \
+     followed_at, blocked_at, refollow_count, follow_event_at, display_name, last_seen_at, tags, \
+     attributes, created_at, updated_at";
+
+impl ContactRow {
+    /// What segment rules see of this contact.
+    pub fn state(&self) -> ContactState {
+        ContactState {
+            follow_state: i32::from(self.follow_state),
+            tags: self.tags.iter().cloned().collect(),
+            attributes: attrs::attributes_from_json(&self.attributes),
+        }
+    }
+
+    /// The typed attributes.
+    pub fn attributes(&self) -> Attributes {
+        attrs::attributes_from_json(&self.attributes)
+    }
+
+    /// Sets the typed attributes.
+    pub fn set_attributes(&mut self, a: &Attributes) {
+        self.attributes = attrs::attributes_to_json(a);
+    }
+
+    /// The API form.
+    pub fn to_proto(&self) -> Contact {
+        Contact {
+            tenant_id: self.tenant_id.clone(),
+            line_user_id: self.line_user_id.clone(),
+            follow_state: i32::from(self.follow_state),
+            first_followed_at: to_proto_opt(self.first_followed_at),
+            followed_at: to_proto_opt(self.followed_at),
+            blocked_at: to_proto_opt(self.blocked_at),
+            refollow_count: self.refollow_count.max(0) as u32,
+            display_name: self.display_name.clone(),
+            last_seen_at: to_proto_opt(self.last_seen_at),
+            tags: self.tags.clone(),
+            attributes: self
+                .attributes()
+                .into_iter()
+                .map(|(k, v)| (k, v.to_proto()))
+                .collect(),
+            created_at: Some(to_proto(self.created_at)),
+            updated_at: Some(to_proto(self.updated_at)),
+        }
+    }
+}
+
+/// Contacts locked for update in a transaction, by LINE user id.
+pub struct Locked {
+    /// The rows as they are now (to be changed by the caller).
+    pub rows: BTreeMap<String, ContactRow>,
+    /// The state each had before this transaction; `None` for contacts this
+    /// transaction created.
+    pub before: BTreeMap<String, Option<ContactState>>,
+}
+
+/// Locks the contacts `ids` of `tenant`, creating the missing ones when
+/// `create` is set (otherwise they are simply absent from the result).
+pub async fn lock_contacts(
+    tx: &mut PgConnection,
+    tenant: &str,
+    ids: &BTreeSet<String>,
+    create: bool,
+) -> Result<Locked> {
+    let ids: Vec<String> = ids.iter().cloned().collect();
+    let mut created: BTreeSet<String> = BTreeSet::new();
+    if create {
+        // Sorted, so concurrent inserters take row locks in the same order.
+        let new: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO contacts (tenant_id, line_user_id) \
+             SELECT $1, id FROM unnest($2::text[]) AS id ORDER BY id \
+             ON CONFLICT DO NOTHING RETURNING line_user_id",
+        )
+        .bind(tenant)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        created.extend(new);
+    }
+    let sql = format!(
+        "SELECT {CONTACT_COLUMNS} FROM contacts WHERE tenant_id = $1 AND line_user_id = ANY($2) \
+         ORDER BY line_user_id FOR UPDATE"
+    );
+    let rows: Vec<ContactRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+    let before = rows
+        .iter()
+        .map(|r| {
+            let state = (!created.contains(&r.line_user_id)).then(|| r.state());
+            (r.line_user_id.clone(), state)
+        })
+        .collect();
+    Ok(Locked {
+        rows: rows
+            .into_iter()
+            .map(|r| (r.line_user_id.clone(), r))
+            .collect(),
+        before,
+    })
+}
+
+/// Writes changed contacts back, in one statement.
+pub async fn save_contacts(
+    tx: &mut PgConnection,
+    tenant: &str,
+    rows: &[&ContactRow],
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.line_user_id.as_str()).collect();
+    let follow: Vec<i16> = rows.iter().map(|r| r.follow_state).collect();
+    let first: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.first_followed_at).collect();
+    let followed: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.followed_at).collect();
+    let blocked: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.blocked_at).collect();
+    let refollows: Vec<i32> = rows.iter().map(|r| r.refollow_count).collect();
+    let follow_event: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.follow_event_at).collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.display_name.as_str()).collect();
+    let seen: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.last_seen_at).collect();
+    // Tag lists differ in length, and PostgreSQL arrays must be rectangular:
+    // each travels as a JSON array and is turned back into text[].
+    let tags: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::json!(r.tags)).collect();
+    let attributes: Vec<&serde_json::Value> = rows.iter().map(|r| &r.attributes).collect();
+    sqlx::query(
+        "UPDATE contacts c SET \
+           follow_state = u.follow_state, first_followed_at = u.first_followed_at, \
+           followed_at = u.followed_at, blocked_at = u.blocked_at, \
+           refollow_count = u.refollow_count, follow_event_at = u.follow_event_at, \
+           display_name = u.display_name, last_seen_at = u.last_seen_at, \
+           tags = ARRAY(SELECT jsonb_array_elements_text(u.tags)), \
+           attributes = u.attributes, updated_at = now() \
+         FROM unnest($2::text[], $3::smallint[], $4::timestamptz[], $5::timestamptz[], \
+                     $6::timestamptz[], $7::int[], $8::timestamptz[], $9::text[], \
+                     $10::timestamptz[], $11::jsonb[], $12::jsonb[]) \
+           AS u(line_user_id, follow_state, first_followed_at, followed_at, blocked_at, \
+                refollow_count, follow_event_at, display_name, last_seen_at, tags, attributes) \
+         WHERE c.tenant_id = $1 AND c.line_user_id = u.line_user_id",
+    )
+    .bind(tenant)
+    .bind(&ids)
+    .bind(&follow)
+    .bind(&first)
+    .bind(&followed)
+    .bind(&blocked)
+    .bind(&refollows)
+    .bind(&follow_event)
+    .bind(&names)
+    .bind(&seen)
+    .bind(&tags)
+    .bind(&attributes)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What changed about one contact in a transaction.
+#[derive(Debug, Clone)]
+pub struct ContactDelta {
+    /// LINE user id.
+    pub line_user_id: String,
+    /// State before; `None` when the contact was created.
+    pub before: Option<ContactState>,
+    /// State after; `None` when the contact was erased.
+    pub after: Option<ContactState>,
+}
+
+impl ContactDelta {
+    /// Whether anything a rule can read changed.
+    pub fn is_change(&self) -> bool {
+        self.before != self.after
+    }
+}
+
+/// A segment locked for maintenance.
+struct LockedSegment {
+    segment_id: String,
+    rule: Rule,
+    ref_tags: BTreeSet<String>,
+    ref_attributes: BTreeSet<String>,
+    ref_follow: bool,
+}
+
+impl LockedSegment {
+    /// Whether the rule reads anything that changed between `a` and `b`.
+    fn affected_by(&self, a: &ContactState, b: &ContactState) -> bool {
+        (self.ref_follow && a.follow_state != b.follow_state)
+            || a.tags
+                .symmetric_difference(&b.tags)
+                .any(|t| self.ref_tags.contains(t))
+            || self
+                .ref_attributes
+                .iter()
+                .any(|k| a.attributes.get(k) != b.attributes.get(k))
+    }
+}
+
+/// Decodes a stored rule. Stored rules were validated when written, so a
+/// failure here is corruption, not bad input.
+pub fn decode_rule(segment_id: &str, bytes: &[u8]) -> Result<Rule> {
+    let proto = SegmentRule::decode(bytes).map_err(|e| {
+        Error::Database(sqlx::Error::Decode(
+            format!("segment {segment_id}: stored rule does not decode: {e}").into(),
+        ))
+    })?;
+    Rule::parse(Some(&proto), "rule").map_err(|e| {
+        Error::Database(sqlx::Error::Decode(
+            format!("segment {segment_id}: stored rule is invalid: {e}").into(),
+        ))
+    })
+}
+
+/// Re-evaluates the segments `deltas` can affect, applies the membership
+/// changes and counts, and returns the changes per contact (in the order
+/// of `deltas`, then by segment id), each with the segment's count right
+/// after it.
+pub async fn maintain_segments(
+    tx: &mut PgConnection,
+    tenant: &str,
+    deltas: &[ContactDelta],
+) -> Result<Vec<(String, MembershipChange)>> {
+    let deltas: Vec<&ContactDelta> = deltas.iter().filter(|d| d.is_change()).collect();
+    if deltas.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Which segments can be affected: for created or erased contacts, all;
+    // otherwise those reading a changed tag, attribute or the follow state.
+    let empty = ContactState::default();
+    let mut tags: BTreeSet<&str> = BTreeSet::new();
+    let mut keys: BTreeSet<&str> = BTreeSet::new();
+    let mut follow = false;
+    let mut all = false;
+    for d in &deltas {
+        match (&d.before, &d.after) {
+            (Some(a), Some(b)) => {
+                tags.extend(a.tags.symmetric_difference(&b.tags).map(String::as_str));
+                keys.extend(
+                    a.attributes
+                        .keys()
+                        .chain(b.attributes.keys())
+                        .filter(|k| a.attributes.get(*k) != b.attributes.get(*k))
+                        .map(String::as_str),
+                );
+                follow |= a.follow_state != b.follow_state;
+            }
+            _ => all = true,
+        }
+    }
+    /// segment_id, rule, ref_tags, ref_attributes, ref_follow.
+    type SegmentRefsRow = (String, Vec<u8>, Vec<String>, Vec<String>, bool);
+    let rows: Vec<SegmentRefsRow> = sqlx::query_as(
+        "SELECT segment_id, rule, ref_tags, ref_attributes, ref_follow FROM segments \
+         WHERE tenant_id = $1 AND ($2 OR ref_tags && $3 OR ref_attributes && $4 OR (ref_follow AND $5)) \
+         ORDER BY segment_id FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(all)
+    .bind(tags.iter().copied().collect::<Vec<_>>())
+    .bind(keys.iter().copied().collect::<Vec<_>>())
+    .bind(follow)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let segments = rows
+        .into_iter()
+        .map(|(segment_id, rule, t, a, f)| {
+            Ok(LockedSegment {
+                rule: decode_rule(&segment_id, &rule)?,
+                segment_id,
+                ref_tags: t.into_iter().collect(),
+                ref_attributes: a.into_iter().collect(),
+                ref_follow: f,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // Memberships as they are now, read after the segment locks.
+    let user_ids: Vec<&str> = deltas.iter().map(|d| d.line_user_id.as_str()).collect();
+    let segment_ids: Vec<&str> = segments.iter().map(|s| s.segment_id.as_str()).collect();
+    let current: BTreeSet<(String, String)> = sqlx::query_as::<_, (String, String)>(
+        "SELECT segment_id, line_user_id FROM segment_members \
+         WHERE tenant_id = $1 AND line_user_id = ANY($2) AND segment_id = ANY($3)",
+    )
+    .bind(tenant)
+    .bind(&user_ids)
+    .bind(&segment_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+
+    let mut changes: Vec<(String, String, bool)> = Vec::new();
+    for d in &deltas {
+        let before = d.before.as_ref().unwrap_or(&empty);
+        let after = d.after.as_ref().unwrap_or(&empty);
+        let whole = d.before.is_none() || d.after.is_none();
+        for s in &segments {
+            if !whole && !s.affected_by(before, after) {
+                continue;
+            }
+            let should = d.after.as_ref().is_some_and(|c| s.rule.matches(c));
+            let is = current.contains(&(s.segment_id.clone(), d.line_user_id.clone()));
+            if should != is {
+                changes.push((s.segment_id.clone(), d.line_user_id.clone(), should));
+            }
+        }
+    }
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let (entered, exited): (Vec<_>, Vec<_>) = changes.iter().partition(|c| c.2);
+    if !entered.is_empty() {
+        sqlx::query(
+            "INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
+             SELECT $1, s, u FROM unnest($2::text[], $3::text[]) AS x(s, u)",
+        )
+        .bind(tenant)
+        .bind(entered.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+        .bind(entered.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !exited.is_empty() {
+        sqlx::query(
+            "DELETE FROM segment_members m USING unnest($2::text[], $3::text[]) AS x(s, u) \
+             WHERE m.tenant_id = $1 AND m.segment_id = x.s AND m.line_user_id = x.u",
+        )
+        .bind(tenant)
+        .bind(exited.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+        .bind(exited.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut net: BTreeMap<&str, i64> = BTreeMap::new();
+    for (s, _, entered) in &changes {
+        *net.entry(s.as_str()).or_default() += if *entered { 1 } else { -1 };
+    }
+    let finals: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "UPDATE segments s SET member_count = s.member_count + x.d, updated_at = now() \
+         FROM unnest($2::text[], $3::bigint[]) AS x(id, d) \
+         WHERE s.tenant_id = $1 AND s.segment_id = x.id \
+         RETURNING s.segment_id, s.member_count",
+    )
+    .bind(tenant)
+    .bind(net.keys().copied().collect::<Vec<_>>())
+    .bind(net.values().copied().collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+
+    // Each change's count_after: walk back from the final count.
+    let mut running: HashMap<&str, i64> = finals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let mut out: Vec<(String, MembershipChange)> = Vec::with_capacity(changes.len());
+    for (s, u, entered) in changes.iter().rev() {
+        let count = running
+            .get_mut(s.as_str())
+            .expect("every changed segment was updated");
+        out.push((
+            u.clone(),
+            MembershipChange {
+                segment_id: s.clone(),
+                line_user_id: u.clone(),
+                entered: *entered,
+                count_after: *count,
+            },
+        ));
+        *count -= if *entered { 1 } else { -1 };
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Queues membership change records for publication, in the caller's
+/// transaction.
+pub async fn write_outbox(
+    tx: &mut PgConnection,
+    tenant: &str,
+    changes: &[MembershipChange],
+    trace: &TraceContext,
+) -> Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let now = to_proto(Utc::now());
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT nextval(pg_get_serial_sequence('outbox', 'id')) FROM generate_series(1, $1)",
+    )
+    .bind(changes.len() as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    let payloads: Vec<Vec<u8>> = changes
+        .iter()
+        .zip(&ids)
+        .map(|(c, id)| {
+            MembershipChangeRecord {
+                tenant_id: tenant.to_owned(),
+                change: Some(c.clone()),
+                committed_at: Some(now),
+                change_id: format!("m{id}"),
+                trace: Some(trace.clone()),
+                snapshot: None,
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO outbox (tenant_id, id, payload) SELECT $1, i, p FROM unnest($2::bigint[], $3::bytea[]) AS x(i, p)",
+    )
+    .bind(tenant)
+    .bind(&ids)
+    .bind(&payloads)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// A transaction on the service's pool.
+pub type Tx<'a> = Transaction<'a, Postgres>;
