@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use hibiki_contacts::Application;
 use hibiki_proto::common::v1::PageRequest;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{
@@ -12,51 +11,14 @@ use hibiki_proto::contacts::v1::{
     GetTenantRequest, ListChannelsRequest, ListTenantsRequest, PutChannelRequest,
     UpdateTenantRequest, WatchChannelsRequest, channel_registry_event::Event,
 };
-use hibiki_runtime::Shutdown;
-use hibiki_testkit::{
-    SERVICE_TOKEN, TestDatabase, authorized, lifecycle, operator_token, service_env,
-};
 use tonic::Code;
 use tonic::codec::Streaming;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-type Client =
-    TenantServiceClient<InterceptedService<Channel, hibiki_runtime::grpc::ClientInterceptor>>;
+mod common;
 
-struct Contacts {
-    url: String,
-    shutdown: Shutdown,
-    _database: TestDatabase,
-}
+use common::{Authorized, Contacts};
 
-impl Drop for Contacts {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
-}
-
-impl Contacts {
-    async fn start() -> Self {
-        let database = TestDatabase::create().await;
-        let (url, shutdown, _task) =
-            lifecycle::start::<Application>(&service_env(&database, None)).await;
-        hibiki_testkit::wait_for_health(&url, tonic_health::ServingStatus::Serving).await;
-        Self {
-            url,
-            shutdown,
-            _database: database,
-        }
-    }
-
-    fn as_service(&self) -> Client {
-        TenantServiceClient::new(authorized(&self.url, SERVICE_TOKEN))
-    }
-
-    fn as_operator(&self, tenant: &str) -> Client {
-        TenantServiceClient::new(authorized(&self.url, &operator_token(tenant)))
-    }
-}
+type Client = TenantServiceClient<Authorized>;
 
 async fn create_tenant(client: &mut Client, tenant_id: &str) {
     client
@@ -83,7 +45,7 @@ fn channel(tenant: &str, channel_id: &str, secret: &str) -> PutChannelRequest {
 #[tokio::test]
 async fn a_tenant_is_created_with_defaults_and_read_back() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     let created = client
         .create_tenant(CreateTenantRequest {
             tenant_id: "acme".into(),
@@ -109,7 +71,7 @@ async fn a_tenant_is_created_with_defaults_and_read_back() {
 #[tokio::test]
 async fn creating_a_tenant_twice_is_already_exists() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     create_tenant(&mut client, "acme").await;
     let err = client
         .create_tenant(CreateTenantRequest {
@@ -124,7 +86,7 @@ async fn creating_a_tenant_twice_is_already_exists() {
 #[tokio::test]
 async fn invalid_tenant_fields_are_rejected_by_name() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     let cases = [
         ("Bad_Id", "", "tenant_id"),
         ("acme", "Mars/Olympus_Mons", "time_zone"),
@@ -146,9 +108,9 @@ async fn invalid_tenant_fields_are_rejected_by_name() {
 #[tokio::test]
 async fn operators_cannot_create_tenants_nor_touch_other_tenants() {
     let contacts = Contacts::start().await;
-    create_tenant(&mut contacts.as_service(), "acme").await;
-    create_tenant(&mut contacts.as_service(), "globex").await;
-    let mut acme = contacts.as_operator("acme");
+    create_tenant(&mut contacts.tenants(), "acme").await;
+    create_tenant(&mut contacts.tenants(), "globex").await;
+    let mut acme = contacts.tenants_as("acme");
 
     let err = acme
         .create_tenant(CreateTenantRequest {
@@ -203,7 +165,7 @@ async fn operators_cannot_create_tenants_nor_touch_other_tenants() {
 #[tokio::test]
 async fn tenants_are_listed_in_pages() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     for id in ["t1", "t2", "t3", "t4", "t5"] {
         create_tenant(&mut client, id).await;
     }
@@ -243,7 +205,7 @@ async fn tenants_are_listed_in_pages() {
 #[tokio::test]
 async fn channel_credentials_are_write_only() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     create_tenant(&mut client, "acme").await;
     let stored = client
         .put_channel(channel("acme", "2000000001", "the-channel-secret"))
@@ -280,7 +242,7 @@ async fn channel_credentials_are_write_only() {
 #[tokio::test]
 async fn channel_errors_are_precise() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     create_tenant(&mut client, "acme").await;
     create_tenant(&mut client, "globex").await;
 
@@ -352,7 +314,7 @@ async fn next_change(
 #[tokio::test]
 async fn watch_channels_sends_the_registry_then_every_change() {
     let contacts = Contacts::start().await;
-    let mut client = contacts.as_service();
+    let mut client = contacts.tenants();
     create_tenant(&mut client, "acme").await;
     create_tenant(&mut client, "globex").await;
     client
@@ -365,7 +327,7 @@ async fn watch_channels_sends_the_registry_then_every_change() {
         .unwrap();
 
     let err = contacts
-        .as_operator("acme")
+        .tenants_as("acme")
         .watch_channels(WatchChannelsRequest {})
         .await
         .unwrap_err();
@@ -449,7 +411,7 @@ async fn watch_channels_sends_the_registry_then_every_change() {
 async fn a_watch_stream_ends_with_unavailable_when_contacts_shuts_down() {
     let contacts = Contacts::start().await;
     let mut stream = contacts
-        .as_service()
+        .tenants()
         .watch_channels(WatchChannelsRequest {})
         .await
         .unwrap()
