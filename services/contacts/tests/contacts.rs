@@ -282,7 +282,7 @@ async fn mutations_are_idempotent_and_report_the_membership_changes_they_caused(
         entered: true,
         count_after: 1,
     };
-    assert_eq!(first.membership_changes, [entered.clone()]);
+    assert_eq!(first.membership_changes, std::slice::from_ref(&entered));
     assert!(!first.replayed);
 
     // The same key again (a retried RPC, a replayed step): the first result,
@@ -577,14 +577,15 @@ async fn published(c: &Contacts) -> Vec<MembershipChangeRecord> {
     let key = format!("{}:contacts:membership", c.env["HIBIKI_REDIS_PREFIX"]);
     let client = hibiki_runtime::redis::redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> =
-        hibiki_runtime::redis::redis::cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+    /// (entry id, [(field, value)]).
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let entries: Vec<Entry> = hibiki_runtime::redis::redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     entries
         .into_iter()
         .map(|(_, fields)| MembershipChangeRecord::decode(fields[0].1.as_slice()).unwrap())
