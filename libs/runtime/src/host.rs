@@ -65,8 +65,23 @@ pub enum HostError {
     Metrics(std::io::Error),
 }
 
+/// Completes once the service's migrations are applied (at once for a
+/// service without PostgreSQL). Background workers that touch the service's
+/// tables wait on it, so they do not run against a schema still being made.
+#[derive(Clone)]
+pub struct Migrated(tokio::sync::watch::Receiver<bool>);
+
+impl Migrated {
+    /// Waits until the migrations are applied.
+    pub async fn wait(mut self) {
+        // An error means the host is gone: nothing will run anyway.
+        let _ = self.0.wait_for(|applied| *applied).await;
+    }
+}
+
 /// A service's runtime: listeners bound, stores connected lazily.
 pub struct ServiceHost {
+    migrated: tokio::sync::watch::Sender<bool>,
     config: RuntimeConfig,
     needs: Needs,
     grpc_listener: TcpListener,
@@ -107,7 +122,9 @@ impl ServiceHost {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
+        let (migrated, _) = tokio::sync::watch::channel(needs.postgres.is_none());
         Ok(Self {
+            migrated,
             config,
             needs,
             grpc_listener,
@@ -143,6 +160,11 @@ impl ServiceHost {
         self.postgres.as_ref()
     }
 
+    /// Completes once the migrations are applied.
+    pub fn migrated(&self) -> Migrated {
+        Migrated(self.migrated.subscribe())
+    }
+
     /// The Redis handle, for services that need one.
     pub fn redis(&self) -> Option<&Redis> {
         self.redis.as_ref()
@@ -163,6 +185,7 @@ impl ServiceHost {
         let monitor = tokio::spawn(monitor(
             service,
             self.needs,
+            self.migrated.clone(),
             self.postgres.clone(),
             self.redis.clone(),
             self.health.clone(),
@@ -223,9 +246,11 @@ async fn set_all(health: &HealthReporter, names: &[String], status: ServingStatu
 }
 
 /// Checks the stores until shutdown and keeps the health status in step.
+#[allow(clippy::too_many_arguments)] // one task's whole context, passed once
 async fn monitor(
     service: &'static str,
     needs: Needs,
+    migrated_tx: tokio::sync::watch::Sender<bool>,
     postgres: Option<PgPool>,
     redis: Option<Redis>,
     health: HealthReporter,
@@ -241,6 +266,7 @@ async fn monitor(
                 if !migrated {
                     postgres::migrate(pool, schema, migrator).await?;
                     migrated = true;
+                    migrated_tx.send_replace(true);
                     tracing::info!(service, schema, "migrations applied");
                 }
                 postgres::ping(pool).await.map_err(PostgresError::from)

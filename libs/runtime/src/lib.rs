@@ -19,5 +19,5 @@ pub mod timestamp;
 
 pub use auth::Caller;
 pub use config::{ConfigError, Env, Overlay, ProcessEnv, RuntimeConfig, Secret, ServiceDefaults};
-pub use host::{HostError, Needs, ServiceHost};
+pub use host::{HostError, Migrated, Needs, ServiceHost};
 pub use shutdown::Shutdown;

@@ -504,7 +504,8 @@ pub mod lifecycle {
     }
 
     /// Starts `S` in-process with `env`; returns its gRPC URL, its shutdown
-    /// signal and its task.
+    /// signal and its task. With `HIBIKI_TEST_LOG` set (a log filter such as
+    /// `info`), the service's logs go to the test's output.
     pub async fn start<S: Service>(
         env: &HashMap<String, String>,
     ) -> (
@@ -512,6 +513,12 @@ pub mod lifecycle {
         Shutdown,
         tokio::task::JoinHandle<Result<(), hibiki_runtime::HostError>>,
     ) {
+        if let Ok(filter) = std::env::var("HIBIKI_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let config = S::config_from_env(env).expect("a valid test configuration");
         let app = S::build(config).await.expect("the service builds");
         let url = format!("http://{}", app.grpc_addr());

@@ -52,6 +52,13 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::Unavailable(e.to_string())
             }
+            // A deadlock victim or a serialization failure: nothing was
+            // applied, and the same call can simply be retried.
+            sqlx::Error::Database(ref d)
+                if matches!(d.code().as_deref(), Some("40P01") | Some("40001")) =>
+            {
+                Self::Aborted("a concurrent change conflicted; retry the call".into())
+            }
             other => Self::Database(other),
         }
     }

@@ -379,11 +379,16 @@ impl Importer {
         // An attribute keeps its type: rows that would change one are
         // rejected, not merged.
         let conflicts: Vec<(i64, String, String, String)> = sqlx::query_as(
-            "DELETE FROM import_staging s USING contacts c, jsonb_each(s.attributes) e \
-             WHERE c.tenant_id = $1 AND c.line_user_id = s.line_user_id \
-               AND c.attributes ? e.key \
-               AND jsonb_typeof(c.attributes -> e.key) <> jsonb_typeof(e.value) \
-             RETURNING s.row_no, e.key, jsonb_typeof(c.attributes -> e.key), jsonb_typeof(e.value)",
+            "WITH conflicts AS ( \
+               SELECT s.row_no, e.key, jsonb_typeof(c.attributes -> e.key) AS have, \
+                      jsonb_typeof(e.value) AS got \
+               FROM import_staging s \
+               JOIN contacts c ON c.tenant_id = $1 AND c.line_user_id = s.line_user_id \
+               CROSS JOIN LATERAL jsonb_each(s.attributes) AS e \
+               WHERE c.attributes ? e.key \
+                 AND jsonb_typeof(c.attributes -> e.key) <> jsonb_typeof(e.value)), \
+             gone AS (DELETE FROM import_staging s USING conflicts x WHERE s.row_no = x.row_no) \
+             SELECT row_no, key, have, got FROM conflicts ORDER BY row_no, key",
         )
         .bind(tenant)
         .fetch_all(&mut *tx)

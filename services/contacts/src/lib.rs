@@ -91,8 +91,8 @@ impl Service for Application {
             .clone();
         let tasks = Shutdown::new();
         let registry = registry::Registry::start(pool.clone(), tasks.clone());
-        let relay = outbox::Relay::start(pool.clone(), redis, tasks.clone());
-        let computer = segments::Computer::start(pool.clone(), tasks.clone());
+        let relay = outbox::Relay::start(pool.clone(), redis, host.migrated(), tasks.clone());
+        let computer = segments::Computer::start(pool.clone(), host.migrated(), tasks.clone());
         let importer = import::Importer::new(&postgres_config, config.import)?;
         let mut routes = GrpcRoutes::new();
         routes.add(TenantServiceServer::new(tenants::Tenants::new(

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hibiki_runtime::Shutdown;
 use hibiki_runtime::redis::{Redis, redis};
+use hibiki_runtime::{Migrated, Shutdown};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
@@ -35,10 +35,17 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts relaying from `pool` to `redis` until `shutdown`.
-    pub fn start(pool: PgPool, redis: Redis, shutdown: Shutdown) -> Self {
+    /// Starts relaying from `pool` to `redis`, once `migrated`, until
+    /// `shutdown`.
+    pub fn start(pool: PgPool, redis: Redis, migrated: Migrated, shutdown: Shutdown) -> Self {
         let relay = Self::default();
-        tokio::spawn(run(pool, redis, relay.wake.clone(), shutdown));
+        let wake = relay.wake.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = migrated.wait() => run(pool, redis, wake, shutdown).await,
+            }
+        });
         relay
     }
 

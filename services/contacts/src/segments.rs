@@ -23,7 +23,7 @@ use hibiki_proto::contacts::v1::{
     Segment, SegmentCount, SegmentRule, SegmentSnapshot, SegmentStatus, UpdateSegmentRequest,
 };
 use hibiki_runtime::timestamp::to_proto;
-use hibiki_runtime::{Caller, Shutdown};
+use hibiki_runtime::{Caller, Migrated, Shutdown};
 use prost::Message;
 use rand::Rng;
 use sqlx::PgPool;
@@ -478,10 +478,16 @@ pub struct Computer {
 }
 
 impl Computer {
-    /// Starts the worker on `pool` until `shutdown`.
-    pub fn start(pool: PgPool, shutdown: Shutdown) -> Self {
+    /// Starts the worker on `pool`, once `migrated`, until `shutdown`.
+    pub fn start(pool: PgPool, migrated: Migrated, shutdown: Shutdown) -> Self {
         let wake = std::sync::Arc::new(Notify::new());
-        tokio::spawn(run(pool, wake.clone(), shutdown));
+        let notify = wake.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = migrated.wait() => run(pool, notify, shutdown).await,
+            }
+        });
         Self { wake }
     }
 

@@ -1,0 +1,94 @@
+//! The outbox publishes a membership change once its transaction commits,
+//! and never one whose transaction rolled back.
+
+use hibiki_contacts::outbox;
+use hibiki_contacts::store;
+use hibiki_proto::common::v1::TraceContext;
+use hibiki_proto::contacts::v1::{MembershipChange, MembershipChangeRecord};
+use hibiki_runtime::config::{PostgresConfig, RedisConfig, Secret};
+use hibiki_runtime::postgres;
+use hibiki_runtime::redis::{Redis, redis};
+use hibiki_testkit::{TestDatabase, random_id};
+use prost::Message;
+
+fn change(user: &str) -> MembershipChange {
+    MembershipChange {
+        segment_id: "seg_1".into(),
+        line_user_id: user.into(),
+        entered: true,
+        count_after: 1,
+    }
+}
+
+async fn stream(redis: &Redis, key: &str) -> Vec<MembershipChangeRecord> {
+    let mut conn = redis.pool().get().await.unwrap();
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, f)| MembershipChangeRecord::decode(f[0].1.as_slice()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn only_committed_changes_are_published_and_each_once() {
+    let database = TestDatabase::create().await;
+    let pool = postgres::connect_lazy(
+        &PostgresConfig {
+            url: Secret::new(database.url()),
+            max_connections: 2,
+        },
+        "contacts",
+    )
+    .unwrap();
+    postgres::migrate(&pool, "contacts", &hibiki_contacts::MIGRATOR)
+        .await
+        .unwrap();
+    let redis = Redis::connect_lazy(&RedisConfig {
+        url: Secret::new("redis://127.0.0.1:6379"),
+        key_prefix: format!("test-{}", random_id()),
+        pool_size: 2,
+    })
+    .unwrap();
+    let key = outbox::stream_key(&redis);
+
+    let mut rolled_back = pool.begin().await.unwrap();
+    store::write_outbox(
+        &mut rolled_back,
+        "acme",
+        &[change("U-rolled-back")],
+        &TraceContext::default(),
+    )
+    .await
+    .unwrap();
+    rolled_back.rollback().await.unwrap();
+    assert_eq!(outbox::publish_batch(&pool, &redis, &key).await.unwrap(), 0);
+
+    let mut committed = pool.begin().await.unwrap();
+    store::write_outbox(
+        &mut committed,
+        "acme",
+        &[change("U-committed")],
+        &TraceContext::default(),
+    )
+    .await
+    .unwrap();
+    // Not yet committed: invisible to the relay.
+    assert_eq!(outbox::publish_batch(&pool, &redis, &key).await.unwrap(), 0);
+    committed.commit().await.unwrap();
+    assert_eq!(outbox::publish_batch(&pool, &redis, &key).await.unwrap(), 1);
+    assert_eq!(outbox::publish_batch(&pool, &redis, &key).await.unwrap(), 0);
+
+    let records = stream(&redis, &key).await;
+    let users: Vec<&str> = records
+        .iter()
+        .map(|r| r.change.as_ref().unwrap().line_user_id.as_str())
+        .collect();
+    assert_eq!(users, ["U-committed"]);
+    assert_eq!(records[0].tenant_id, "acme");
+}
