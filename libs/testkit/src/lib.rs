@@ -254,6 +254,29 @@ pub fn authorized(
     tonic::service::interceptor::InterceptedService::new(channel, interceptor)
 }
 
+/// The `p` field of every entry of the Redis stream `key` at `redis_url`,
+/// oldest first: how hibiki's streams carry their protobuf payloads.
+pub async fn stream_payloads(redis_url: &str, key: &str) -> Vec<Vec<u8>> {
+    /// (entry id, [(field, value)]).
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let client = hibiki_runtime::redis::redis::Client::open(redis_url).expect("a Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers");
+    let entries: Vec<Entry> = hibiki_runtime::redis::redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE works");
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| fields.into_iter().find(|(f, _)| f == "p").map(|(_, v)| v))
+        .collect()
+}
+
 /// Settings for a service under test: its own database, the shared Redis
 /// (or `redis_url`), a fresh key prefix, port 0 for every listener, the test
 /// service token and operator tokens for [`OPERATOR_TENANTS`].

@@ -573,22 +573,11 @@ async fn a_follow_moves_the_contact_into_a_follow_state_segment() {
 
 /// Reads every membership change record on the stream.
 async fn published(c: &Contacts) -> Vec<MembershipChangeRecord> {
-    let url = c.env["HIBIKI_REDIS_URL"].clone();
     let key = format!("{}:contacts:membership", c.env["HIBIKI_REDIS_PREFIX"]);
-    let client = hibiki_runtime::redis::redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    /// (entry id, [(field, value)]).
-    type Entry = (String, Vec<(String, Vec<u8>)>);
-    let entries: Vec<Entry> = hibiki_runtime::redis::redis::cmd("XRANGE")
-        .arg(&key)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
+    hibiki_testkit::stream_payloads(&c.env["HIBIKI_REDIS_URL"], &key)
         .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| MembershipChangeRecord::decode(fields[0].1.as_slice()).unwrap())
+        .iter()
+        .map(|p| MembershipChangeRecord::decode(p.as_slice()).unwrap())
         .collect()
 }
 

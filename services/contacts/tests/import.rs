@@ -32,7 +32,7 @@ fn record(row: u64) -> ImportRecord {
         row,
         line_user_id: user(row as u32),
         display_name: format!("customer {row}"),
-        tags: if row % 4 == 0 {
+        tags: if row.is_multiple_of(4) {
             vec!["vip".into()]
         } else {
             vec![]

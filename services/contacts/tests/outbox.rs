@@ -7,8 +7,8 @@ use hibiki_proto::common::v1::TraceContext;
 use hibiki_proto::contacts::v1::{MembershipChange, MembershipChangeRecord};
 use hibiki_runtime::config::{PostgresConfig, RedisConfig, Secret};
 use hibiki_runtime::postgres;
-use hibiki_runtime::redis::{Redis, redis};
-use hibiki_testkit::{TestDatabase, random_id};
+use hibiki_runtime::redis::Redis;
+use hibiki_testkit::{TestDatabase, random_id, stream_payloads};
 use prost::Message;
 
 fn change(user: &str) -> MembershipChange {
@@ -20,18 +20,11 @@ fn change(user: &str) -> MembershipChange {
     }
 }
 
-async fn stream(redis: &Redis, key: &str) -> Vec<MembershipChangeRecord> {
-    let mut conn = redis.pool().get().await.unwrap();
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut *conn)
+async fn stream(key: &str) -> Vec<MembershipChangeRecord> {
+    stream_payloads("redis://127.0.0.1:6379", key)
         .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, f)| MembershipChangeRecord::decode(f[0].1.as_slice()).unwrap())
+        .iter()
+        .map(|p| MembershipChangeRecord::decode(p.as_slice()).unwrap())
         .collect()
 }
 
@@ -84,7 +77,7 @@ async fn only_committed_changes_are_published_and_each_once() {
     assert_eq!(outbox::publish_batch(&pool, &redis, &key).await.unwrap(), 1);
     assert_eq!(outbox::publish_batch(&pool, &redis, &key).await.unwrap(), 0);
 
-    let records = stream(&redis, &key).await;
+    let records = stream(&key).await;
     let users: Vec<&str> = records
         .iter()
         .map(|r| r.change.as_ref().unwrap().line_user_id.as_str())
