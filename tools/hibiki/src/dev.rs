@@ -130,6 +130,12 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
             Err(e) => println!("  {:<10} not serving yet: {e}", r.name),
         }
     }
+    match seed_demo(&running[1], shared).await {
+        Ok(()) => println!(
+            "\n  demo tenant {DEMO_TENANT:?}: channel {DEMO_CHANNEL} (secret {DEMO_SECRET:?}), segment {DEMO_SEGMENT:?}"
+        ),
+        Err(e) => println!("\n  demo tenant not seeded: {e}"),
+    }
     println!("\nhibiki dev: ready");
 
     let mut failed = None;
@@ -150,6 +156,72 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// The demo tenant `hibiki dev` seeds.
+const DEMO_TENANT: &str = "demo";
+/// Its LINE channel.
+const DEMO_CHANNEL: &str = "1000000001";
+/// Its channel secret (signs the demo's webhooks).
+const DEMO_SECRET: &str = "demo-channel-secret";
+/// Its campaign segment.
+const DEMO_SEGMENT: &str = "spring campaign";
+
+/// Seeds the demo tenant, its channel and its campaign segment (each left
+/// as it is when it exists).
+async fn seed_demo(contacts: &Running, shared: &RuntimeConfig) -> Result<(), String> {
+    use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
+    use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
+    use hibiki_proto::contacts::v1::{
+        CreateSegmentRequest, CreateTenantRequest, HasTag, PutChannelRequest, SegmentRule,
+        segment_rule::Node,
+    };
+    let url = format!("http://{}", contacts.grpc);
+    let channel = grpc::channel(&url).map_err(|e| e.to_string())?;
+    let interceptor = grpc::ClientInterceptor::new(shared.auth.outbound_service_token())
+        .map_err(|e| e.to_string())?;
+    let mut tenants = TenantServiceClient::with_interceptor(channel.clone(), interceptor.clone());
+    let exists = |r: Result<(), tonic::Status>| match r {
+        Err(s) if s.code() != tonic::Code::AlreadyExists => Err(s.message().to_owned()),
+        _ => Ok(()),
+    };
+    exists(
+        tenants
+            .create_tenant(CreateTenantRequest {
+                tenant_id: DEMO_TENANT.into(),
+                display_name: "Demo Company".into(),
+                time_zone: "Asia/Tokyo".into(),
+            })
+            .await
+            .map(|_| ()),
+    )?;
+    tenants
+        .put_channel(PutChannelRequest {
+            tenant_id: DEMO_TENANT.into(),
+            channel_id: DEMO_CHANNEL.into(),
+            display_name: "Demo official account".into(),
+            bot_user_id: String::new(),
+            channel_secret: DEMO_SECRET.into(),
+            access_token: "demo-access-token".into(),
+        })
+        .await
+        .map_err(|s| s.message().to_owned())?;
+    let mut segments = SegmentServiceClient::with_interceptor(channel, interceptor);
+    exists(
+        segments
+            .create_segment(CreateSegmentRequest {
+                tenant_id: DEMO_TENANT.into(),
+                name: DEMO_SEGMENT.into(),
+                description: "Friends who joined the spring campaign".into(),
+                rule: Some(SegmentRule {
+                    node: Some(Node::HasTag(HasTag {
+                        tag: "campaign:spring".into(),
+                    })),
+                }),
+            })
+            .await
+            .map(|_| ()),
+    )
 }
 
 /// Builds service `S` on the `index`-th ports and runs it in the background.

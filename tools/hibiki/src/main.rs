@@ -2,9 +2,11 @@
 //!
 //! - `hibiki dev` runs every service in one process, each on its own port,
 //!   talking real gRPC over loopback, against the local PostgreSQL and Redis.
+//! - `hibiki import contacts.csv --tenant T` streams a CSV into contacts.
 #![forbid(unsafe_code)]
 
 mod dev;
+mod import;
 
 use std::process::ExitCode;
 
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the whole mesh in this process against local PostgreSQL and Redis.
     Dev(dev::DevArgs),
+    /// Import contacts from a CSV file into a tenant (resumable).
+    Import(import::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Dev(args) => dev::run(args).await,
+            Command::Import(args) => import::run(args).await,
         }
     })
 }

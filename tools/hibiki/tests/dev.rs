@@ -67,6 +67,10 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
     );
 
     assert!(database.exists().await, "hibiki dev creates its database");
+    assert!(
+        printed.contains("demo tenant \"demo\": channel 1000000001"),
+        "the demo tenant is seeded:\n{printed}"
+    );
     for (i, name) in SERVICES.iter().enumerate() {
         let url = format!("http://127.0.0.1:{}", grpc_base + i as u16);
         assert!(
