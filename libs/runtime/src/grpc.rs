@@ -100,8 +100,10 @@ impl GrpcRoutes {
 /// accepting and lets in-flight calls finish.
 ///
 /// The stack, outermost first:
-/// 1. **timeout** (tonic's, so a caller's shorter `grpc-timeout` wins):
-///    bounds every call, queueing included; answers CANCELLED.
+/// 1. **deadline** ([`DeadlineLayer`]): bounds every call by the
+///    caller's `grpc-timeout` or the server's limit, whichever is shorter;
+///    answers DEADLINE_EXCEEDED. Client-streaming calls (an import streaming
+///    a million rows) are bounded by the caller's deadline only.
 /// 2. **telemetry**: a `grpc.server` span continuing the caller's trace, and
 ///    per-method counts and latency. Outside the others so that shed and
 ///    rejected calls are seen too.
@@ -122,6 +124,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stack = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::new(config.request_timeout))
         .layer(TelemetryLayer { service })
         .layer(AuthLayer::new(authenticator))
         .load_shed()
@@ -130,11 +133,131 @@ pub async fn serve(
         ))
         .into_inner();
     tonic::transport::Server::builder()
-        .timeout(config.request_timeout)
         .layer(stack)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// The gRPC methods of hibiki's contracts whose requests stream from the
+/// client: they run as long as the upload does, so only the caller's own
+/// deadline bounds them.
+fn client_streaming_methods() -> &'static std::collections::HashSet<String> {
+    static METHODS: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    METHODS.get_or_init(|| {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(hibiki_proto::FILE_DESCRIPTOR_SET)
+            .expect("hibiki's descriptor set decodes");
+        let mut methods = std::collections::HashSet::new();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    if method.client_streaming() {
+                        methods.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        methods
+    })
+}
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of
+/// H M S m u n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Tower layer: ends a call at its deadline with DEADLINE_EXCEEDED.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineLayer {
+    limit: Duration,
+}
+
+impl DeadlineLayer {
+    /// Calls run at most `limit` (or the caller's shorter deadline).
+    pub fn new(limit: Duration) -> Self {
+        Self { limit }
+    }
+}
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// The service [`DeadlineLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct DeadlineService<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for DeadlineService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let asked = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let server_limit =
+            (!client_streaming_methods().contains(request.uri().path())).then_some(self.limit);
+        let deadline = match (asked, server_limit) {
+            (Some(a), Some(l)) => Some(a.min(l)),
+            (a, l) => a.or(l),
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let Some(deadline) = deadline else {
+                return future.await;
+            };
+            match tokio::time::timeout(deadline, future).await {
+                Ok(result) => result,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the call ran past its deadline of {deadline:?}"
+                ))
+                .into_http()),
+            }
+        })
+    }
 }
 
 /// Tower layer: a server span per call and RPC metrics.
@@ -328,5 +451,31 @@ pub async fn wait_for_health(
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn the_import_is_a_client_streaming_method() {
+        assert!(
+            client_streaming_methods()
+                .contains("/hibiki.contacts.v1.ContactService/ImportContacts")
+        );
+        assert!(
+            !client_streaming_methods().contains("/hibiki.contacts.v1.ContactService/ApplyEvents")
+        );
     }
 }

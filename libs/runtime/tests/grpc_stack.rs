@@ -149,10 +149,10 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once() {
 }
 
 #[tokio::test]
-async fn a_call_running_past_the_timeout_is_cancelled() {
+async fn a_call_running_past_the_timeout_gets_deadline_exceeded() {
     let server = start(16, Duration::from_millis(200)).await;
     let err = check(&server.url, Some(SERVICE_TOKEN), HOLD)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Cancelled, "{err}");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
 }
