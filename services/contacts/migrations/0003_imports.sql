@@ -15,9 +15,15 @@ CREATE TABLE imports (
     PRIMARY KEY (tenant_id, import_id)
 );
 
+-- A chunk is skipped on a re-run only when it committed with the same number
+-- of rows: a short last chunk (the client ended its stream early) is done
+-- again, in full, when the rest of its rows arrive.
 CREATE TABLE import_chunks (
     tenant_id text NOT NULL,
     import_id text NOT NULL,
     chunk     bigint NOT NULL,
+    received  bigint NOT NULL,
+    upserted  bigint NOT NULL,
+    rejected  bigint NOT NULL,
     PRIMARY KEY (tenant_id, import_id, chunk)
 );

@@ -239,14 +239,19 @@ impl Importer {
         .bind(&import_id)
         .execute(&self.pool)
         .await?;
-        let done: Vec<i64> = sqlx::query_scalar(
-            "SELECT chunk FROM import_chunks WHERE tenant_id = $1 AND import_id = $2",
+        // Committed chunks and how many rows each had.
+        let done: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT chunk, received FROM import_chunks WHERE tenant_id = $1 AND import_id = $2",
         )
         .bind(&tenant_id)
         .bind(&import_id)
         .fetch_all(&self.pool)
         .await?;
-        let done: std::collections::HashSet<u64> = done.into_iter().map(|c| c as u64).collect();
+        let done: std::collections::HashMap<u64, u64> = done
+            .into_iter()
+            .map(|(c, r)| (c as u64, r as u64))
+            .collect();
+        let is_done = |chunk: &Chunk| done.get(&chunk.index) == Some(&chunk.received);
         tracing::info!(
             tenant_id,
             import_id,
@@ -254,55 +259,79 @@ impl Importer {
             "import started"
         );
 
+        // Reading and checking the next chunk overlaps with committing the
+        // previous one; chunks still commit one at a time, in order.
         let started = Instant::now();
-        let mut rows_sent: u64 = 0;
-        let mut chunk = Chunk::default();
-        let chunk_rows = self.config.chunk_rows as u64;
-        while let Some(message) = stream
-            .message()
-            .await
-            .map_err(|s| Error::invalid("stream", s.message().to_owned()))?
-        {
-            let batch = match message.item {
-                Some(Item::Batch(b)) => b,
-                Some(Item::Header(_)) => {
-                    return Err(Error::invalid(
-                        "header",
-                        "only the first message carries the header",
-                    ));
+        let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Chunk>(1);
+        let committer = {
+            let importer = self.clone();
+            let (tenant_id, import_id) = (tenant_id.clone(), import_id.clone());
+            tokio::spawn(async move {
+                let mut rows_done: u64 = 0;
+                while let Some(chunk) = chunks_rx.recv().await {
+                    rows_done += chunk.received;
+                    importer
+                        .commit_chunk(&tenant_id, &import_id, replace_tags, chunk)
+                        .await?;
+                    importer.pace(started, rows_done).await;
                 }
-                None => continue,
-            };
-            for record in &batch.records {
-                chunk.received += 1;
-                match check_record(record) {
-                    // A later record for the same user in a chunk wins.
-                    Ok(row) => {
-                        chunk
-                            .rows
-                            .insert(row.line_user_id.clone(), (record.row, row));
+                Ok::<(), Error>(())
+            })
+        };
+        let read = async {
+            let mut chunk = Chunk::default();
+            let chunk_rows = self.config.chunk_rows as u64;
+            while let Some(message) = stream
+                .message()
+                .await
+                .map_err(|s| Error::invalid("stream", s.message().to_owned()))?
+            {
+                let batch = match message.item {
+                    Some(Item::Batch(b)) => b,
+                    Some(Item::Header(_)) => {
+                        return Err(Error::invalid(
+                            "header",
+                            "only the first message carries the header",
+                        ));
                     }
-                    Err(e) => chunk.errors.push(e),
-                }
-                if chunk.received == chunk_rows {
-                    let next = Chunk {
-                        index: chunk.index + 1,
-                        ..Chunk::default()
-                    };
-                    let full = std::mem::replace(&mut chunk, next);
-                    rows_sent += full.received;
-                    if !done.contains(&full.index) {
-                        self.commit_chunk(&tenant_id, &import_id, replace_tags, full)
-                            .await?;
-                        self.pace(started, rows_sent).await;
+                    None => continue,
+                };
+                for record in &batch.records {
+                    chunk.received += 1;
+                    match check_record(record) {
+                        // A later record for the same user in a chunk wins.
+                        Ok(row) => {
+                            chunk
+                                .rows
+                                .insert(row.line_user_id.clone(), (record.row, row));
+                        }
+                        Err(e) => chunk.errors.push(e),
+                    }
+                    if chunk.received == chunk_rows {
+                        let next = Chunk {
+                            index: chunk.index + 1,
+                            ..Chunk::default()
+                        };
+                        let full = std::mem::replace(&mut chunk, next);
+                        if !is_done(&full) && chunks_tx.send(full).await.is_err() {
+                            // The committer stopped on an error: it reports it.
+                            return Ok(());
+                        }
                     }
                 }
             }
-        }
-        if chunk.received > 0 && !done.contains(&chunk.index) {
-            self.commit_chunk(&tenant_id, &import_id, replace_tags, chunk)
-                .await?;
-        }
+            if chunk.received > 0 && !is_done(&chunk) {
+                let _ = chunks_tx.send(chunk).await;
+            }
+            Ok(())
+        };
+        let read_result = read.await;
+        drop(chunks_tx);
+        let commit_result = committer
+            .await
+            .map_err(|e| Error::Unavailable(format!("import committer: {e}")))?;
+        commit_result?;
+        read_result?;
         sqlx::query(
             "UPDATE imports SET done = true, finished_at = COALESCE(finished_at, now()) \
              WHERE tenant_id = $1 AND import_id = $2",
@@ -375,6 +404,11 @@ impl Importer {
                 .await?;
             copy.send(data.into_bytes()).await?;
             copy.finish().await?;
+            // Without statistics the planner takes the staging table for
+            // empty-ish and may scan all of the tenant's contacts per join.
+            sqlx::query("ANALYZE import_staging")
+                .execute(&mut *tx)
+                .await?;
         }
         // An attribute keeps its type: rows that would change one are
         // rejected, not merged.
@@ -431,6 +465,18 @@ impl Importer {
             .iter()
             .map(|e| json!({"row": e.row, "field": e.field, "message": e.message}))
             .collect();
+        // A chunk done again (its first commit was short) replaces its
+        // earlier figures instead of adding to them.
+        let previous: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT received, upserted, rejected FROM import_chunks \
+             WHERE tenant_id = $1 AND import_id = $2 AND chunk = $3 FOR UPDATE",
+        )
+        .bind(tenant)
+        .bind(import_id)
+        .bind(chunk.index as i64)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (old_received, old_upserted, old_rejected) = previous.unwrap_or((0, 0, 0));
         sqlx::query(
             "UPDATE imports SET received = received + $3, upserted = upserted + $4, \
                rejected = rejected + $5, \
@@ -440,25 +486,45 @@ impl Importer {
         )
         .bind(tenant)
         .bind(import_id)
-        .bind(chunk.received as i64)
-        .bind(upserted as i64)
-        .bind(rejected)
+        .bind(chunk.received as i64 - old_received)
+        .bind(upserted as i64 - old_upserted)
+        .bind(rejected - old_rejected)
         .bind(serde_json::Value::Array(errors))
         .bind(MAX_ERRORS as i64)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO import_chunks (tenant_id, import_id, chunk) VALUES ($1, $2, $3)")
-            .bind(tenant)
-            .bind(import_id)
-            .bind(chunk.index as i64)
-            .execute(&mut *tx)
-            .await?;
+        tracing::debug!(
+            import_id,
+            chunk = chunk.index,
+            rows = chunk.received,
+            "import chunk committed"
+        );
+        sqlx::query(
+            "INSERT INTO import_chunks (tenant_id, import_id, chunk, received, upserted, rejected) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (tenant_id, import_id, chunk) DO UPDATE SET \
+               received = EXCLUDED.received, upserted = EXCLUDED.upserted, rejected = EXCLUDED.rejected",
+        )
+        .bind(tenant)
+        .bind(import_id)
+        .bind(chunk.index as i64)
+        .bind(chunk.received as i64)
+        .bind(upserted as i64)
+        .bind(rejected)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Moves the chunk's contacts in and out of every segment of the
     /// tenant, set-wise, and publishes each changed segment's new count.
+    ///
+    /// One statement evaluates every segment's rule over the chunk's
+    /// contacts, adds the missing memberships, removes the stale ones and
+    /// returns the net change per segment, so the segment locks (taken
+    /// first, in id order like every writer) are held for as short a time as
+    /// possible: realtime writers wait on them.
     async fn maintain_segments(&self, tx: &mut sqlx::PgConnection, tenant: &str) -> Result<()> {
         let segments: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT segment_id, rule FROM segments WHERE tenant_id = $1 ORDER BY segment_id FOR UPDATE",
@@ -466,46 +532,64 @@ impl Importer {
         .bind(tenant)
         .fetch_all(&mut *tx)
         .await?;
-        for (segment, rule) in segments {
-            let rule = decode_rule(&segment, &rule)?;
-            let mut params = SqlParams::starting_at(3);
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let mut params = SqlParams::starting_at(3);
+        let mut selects = Vec::with_capacity(segments.len());
+        let mut ids = Vec::with_capacity(segments.len());
+        for (segment, rule) in &segments {
+            let rule = decode_rule(segment, rule)?;
+            let id = params.push(crate::rules::SqlParam::Text(segment.clone()));
             let predicate = rule.to_sql(&mut params);
-            let sql = format!(
-                "WITH should AS ( \
-                   SELECT c.line_user_id FROM contacts c JOIN import_staging s \
-                     ON c.line_user_id = s.line_user_id \
-                   WHERE c.tenant_id = $1 AND {predicate}), \
-                 added AS ( \
-                   INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
-                   SELECT $1, $2, line_user_id FROM should ON CONFLICT DO NOTHING RETURNING 1), \
-                 removed AS ( \
-                   DELETE FROM segment_members m USING import_staging s \
-                   WHERE m.tenant_id = $1 AND m.segment_id = $2 AND m.line_user_id = s.line_user_id \
-                     AND m.line_user_id NOT IN (SELECT line_user_id FROM should) RETURNING 1) \
-                 SELECT (SELECT count(*) FROM added), (SELECT count(*) FROM removed)"
-            );
-            let (added, removed): (i64, i64) = params
-                .bind(
-                    sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .bind(tenant)
-                        .bind(&segment),
-                )
-                .fetch_one(&mut *tx)
-                .await
-                .map(|row| {
-                    use sqlx::Row;
-                    (row.get(0), row.get(1))
-                })?;
-            if added == removed {
-                continue;
-            }
+            selects.push(format!(
+                "SELECT {id}::text AS segment_id, c.line_user_id FROM c WHERE {predicate}"
+            ));
+            ids.push(segment.clone());
+        }
+        let sql = format!(
+            "WITH c AS MATERIALIZED ( \
+               SELECT c.line_user_id, c.tags, c.attributes, c.follow_state \
+               FROM contacts c JOIN import_staging s ON c.line_user_id = s.line_user_id \
+               WHERE c.tenant_id = $1), \
+             should AS ({}), \
+             added AS ( \
+               INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
+               SELECT $1, segment_id, line_user_id FROM should \
+               ON CONFLICT DO NOTHING RETURNING segment_id), \
+             removed AS ( \
+               DELETE FROM segment_members m USING import_staging s \
+               WHERE m.tenant_id = $1 AND m.line_user_id = s.line_user_id \
+                 AND m.segment_id = ANY($2) \
+                 AND NOT EXISTS (SELECT 1 FROM should x \
+                                 WHERE x.segment_id = m.segment_id AND x.line_user_id = m.line_user_id) \
+               RETURNING m.segment_id), \
+             delta AS ( \
+               SELECT segment_id, count(*) AS d FROM added GROUP BY segment_id \
+               UNION ALL SELECT segment_id, -count(*) AS d FROM removed GROUP BY segment_id) \
+             SELECT segment_id, sum(d)::bigint FROM delta GROUP BY segment_id ORDER BY segment_id",
+            selects.join(" UNION ALL ")
+        );
+        let deltas: Vec<(String, i64)> = params
+            .bind(
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(tenant)
+                    .bind(&ids),
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map(|rows| {
+                use sqlx::Row;
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+            })?;
+        for (segment, delta) in deltas.into_iter().filter(|(_, d)| *d != 0) {
             let count: i64 = sqlx::query_scalar(
                 "UPDATE segments SET member_count = member_count + $3, updated_at = now() \
                  WHERE tenant_id = $1 AND segment_id = $2 RETURNING member_count",
             )
             .bind(tenant)
             .bind(&segment)
-            .bind(added - removed)
+            .bind(delta)
             .fetch_one(&mut *tx)
             .await?;
             crate::segments::write_snapshot(tx, tenant, &segment, count, false).await?;

@@ -231,7 +231,9 @@ async fn an_interrupted_import_resumes_and_skips_committed_chunks() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The client dies: its call is reset mid-stream, not ended.
     call.abort();
+    let _ = call.await;
     drop(tx);
 
     // Second attempt: the whole input again, same import id.
@@ -272,4 +274,29 @@ async fn an_import_must_start_with_its_header_and_stay_in_its_tenant() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().starts_with("header.tenant_id: "), "{err}");
+}
+
+#[tokio::test]
+async fn a_short_last_chunk_is_done_again_in_full_when_the_rest_arrives() {
+    let c = Contacts::start_with(&[("HIBIKI_IMPORT_CHUNK_ROWS", "1000")]).await;
+    c.tenant(T).await;
+    let ids = segments(&c).await;
+    let records: Vec<ImportRecord> = (1..=3000).map(record).collect();
+    for rows in [2500, 3000] {
+        let mut messages = vec![header("grows")];
+        messages.extend(records[..rows].chunks(500).map(|c| batch(c.to_vec())));
+        let status = c
+            .contacts()
+            .import_contacts(tokio_stream::iter(messages))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(
+            (status.received, status.upserted),
+            (rows as u64, rows as u64)
+        );
+    }
+    assert_counts_exact(&c, &ids).await;
 }
