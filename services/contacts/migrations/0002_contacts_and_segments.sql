@@ -56,9 +56,9 @@ CREATE TABLE segment_members (
     PRIMARY KEY (tenant_id, segment_id, line_user_id)
 );
 
--- No second index on (tenant_id, line_user_id): every lookup of a contact's
--- memberships names the segments too (a tenant has few), so the primary key
--- serves it, and a bulk import maintains one index instead of two.
+-- A contact's memberships: realtime maintenance reads them for a batch of
+-- contacts across segments, which the primary key alone serves badly.
+CREATE INDEX segment_members_contact ON segment_members (tenant_id, line_user_id);
 
 -- Webhook events already applied (ApplyEvents is idempotent per
 -- webhookEventId). Rows older than the dedupe window are purged.

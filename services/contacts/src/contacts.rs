@@ -635,15 +635,12 @@ impl ContactService for Contacts {
             .map(|(_, c)| c)
             .collect();
         // Memberships of segments still computing (not yet evaluated above).
-        sqlx::query(
-            "DELETE FROM segment_members WHERE tenant_id = $1 AND line_user_id = $2 \
-             AND segment_id IN (SELECT segment_id FROM segments WHERE tenant_id = $1)",
-        )
-        .bind(&tenant)
-        .bind(&user)
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::from)?;
+        sqlx::query("DELETE FROM segment_members WHERE tenant_id = $1 AND line_user_id = $2")
+            .bind(&tenant)
+            .bind(&user)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::from)?;
         sqlx::query("DELETE FROM contacts WHERE tenant_id = $1 AND line_user_id = $2")
             .bind(&tenant)
             .bind(&user)

@@ -382,10 +382,6 @@ impl Importer {
         )
         .execute(&mut *tx)
         .await?;
-        // The chunk's users: every lookup below names them, so PostgreSQL
-        // walks primary keys instead of planning joins on the statistics-less
-        // staging table.
-        let mut users: Vec<String> = chunk.rows.keys().cloned().collect();
         if !chunk.rows.is_empty() {
             let mut data = String::with_capacity(chunk.rows.len() * 128);
             for (row_no, row) in chunk.rows.values() {
@@ -420,29 +416,20 @@ impl Importer {
             "WITH conflicts AS ( \
                SELECT s.row_no, e.key, jsonb_typeof(c.attributes -> e.key) AS have, \
                       jsonb_typeof(e.value) AS got \
-               FROM contacts c \
-               JOIN import_staging s ON s.line_user_id = c.line_user_id \
+               FROM import_staging s \
+               JOIN contacts c ON c.tenant_id = $1 AND c.line_user_id = s.line_user_id \
                CROSS JOIN LATERAL jsonb_each(s.attributes) AS e \
-               WHERE c.tenant_id = $1 AND c.line_user_id = ANY($2) AND c.attributes ? e.key \
+               WHERE c.attributes ? e.key \
                  AND jsonb_typeof(c.attributes -> e.key) <> jsonb_typeof(e.value)), \
              gone AS (DELETE FROM import_staging s USING conflicts x WHERE s.row_no = x.row_no) \
              SELECT row_no, key, have, got FROM conflicts ORDER BY row_no, key",
         )
         .bind(tenant)
-        .bind(&users)
         .fetch_all(&mut *tx)
         .await?;
         let mut conflicted_rows = std::collections::BTreeSet::new();
         for (row, key, have, got) in conflicts {
             if conflicted_rows.insert(row) {
-                if let Some(user) = chunk
-                    .rows
-                    .iter()
-                    .find(|(_, (r, _))| *r as i64 == row)
-                    .map(|(u, _)| u.clone())
-                {
-                    users.retain(|u| *u != user);
-                }
                 chunk.errors.push(row_error(
                     row as u64,
                     format!("attributes.{key}"),
@@ -469,7 +456,7 @@ impl Importer {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        self.maintain_segments(&mut tx, tenant, &users).await?;
+        self.maintain_segments(&mut tx, tenant).await?;
 
         chunk.errors.sort_by_key(|e| e.row);
         let rejected = chunk.errors.len() as i64;
@@ -538,12 +525,7 @@ impl Importer {
     /// returns the net change per segment, so the segment locks (taken
     /// first, in id order like every writer) are held for as short a time as
     /// possible: realtime writers wait on them.
-    async fn maintain_segments(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        tenant: &str,
-        users: &[String],
-    ) -> Result<()> {
+    async fn maintain_segments(&self, tx: &mut sqlx::PgConnection, tenant: &str) -> Result<()> {
         let segments: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT segment_id, rule FROM segments WHERE tenant_id = $1 ORDER BY segment_id FOR UPDATE",
         )
@@ -553,7 +535,7 @@ impl Importer {
         if segments.is_empty() {
             return Ok(());
         }
-        let mut params = SqlParams::starting_at(4);
+        let mut params = SqlParams::starting_at(3);
         let mut selects = Vec::with_capacity(segments.len());
         let mut ids = Vec::with_capacity(segments.len());
         for (segment, rule) in &segments {
@@ -568,15 +550,17 @@ impl Importer {
         let sql = format!(
             "WITH c AS MATERIALIZED ( \
                SELECT c.line_user_id, c.tags, c.attributes, c.follow_state \
-               FROM contacts c WHERE c.tenant_id = $1 AND c.line_user_id = ANY($3)), \
+               FROM contacts c JOIN import_staging s ON c.line_user_id = s.line_user_id \
+               WHERE c.tenant_id = $1), \
              should AS ({}), \
              added AS ( \
                INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
                SELECT $1, segment_id, line_user_id FROM should \
                ON CONFLICT DO NOTHING RETURNING segment_id), \
              removed AS ( \
-               DELETE FROM segment_members m \
-               WHERE m.tenant_id = $1 AND m.segment_id = ANY($2) AND m.line_user_id = ANY($3) \
+               DELETE FROM segment_members m USING import_staging s \
+               WHERE m.tenant_id = $1 AND m.line_user_id = s.line_user_id \
+                 AND m.segment_id = ANY($2) \
                  AND NOT EXISTS (SELECT 1 FROM should x \
                                  WHERE x.segment_id = m.segment_id AND x.line_user_id = m.line_user_id) \
                RETURNING m.segment_id), \
@@ -590,8 +574,7 @@ impl Importer {
             .bind(
                 sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(tenant)
-                    .bind(&ids)
-                    .bind(users),
+                    .bind(&ids),
             )
             .fetch_all(&mut *tx)
             .await
