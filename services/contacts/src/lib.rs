@@ -8,6 +8,7 @@ pub mod import;
 pub mod outbox;
 pub mod page;
 pub mod registry;
+pub mod retention;
 pub mod rules;
 pub mod segments;
 pub mod store;
@@ -48,6 +49,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// The bulk import.
     pub import: import::ImportConfig,
+    /// `HIBIKI_DEDUPE_RETENTION_HOURS`: how long applied webhook event ids
+    /// and mutation results are kept (at least 24). Default 168.
+    pub dedupe_retention: std::time::Duration,
 }
 
 impl Config {
@@ -56,6 +60,17 @@ impl Config {
         Ok(Self {
             runtime: RuntimeConfig::from_env(env, DEFAULTS)?,
             import: import::ImportConfig::from_env(env)?,
+            dedupe_retention: {
+                let hours: u64 = hibiki_runtime::config::Reader::new(env)
+                    .parse("HIBIKI_DEDUPE_RETENTION_HOURS", 168)?;
+                if hours < 24 {
+                    return Err(ConfigError::new(
+                        "HIBIKI_DEDUPE_RETENTION_HOURS",
+                        format!("must be at least 24 (LINE redelivers for hours), got {hours}"),
+                    ));
+                }
+                std::time::Duration::from_secs(hours * 3600)
+            },
         })
     }
 }
@@ -93,6 +108,12 @@ impl Service for Application {
         let registry = registry::Registry::start(pool.clone(), tasks.clone());
         let relay = outbox::Relay::start(pool.clone(), redis, host.migrated(), tasks.clone());
         let computer = segments::Computer::start(pool.clone(), host.migrated(), tasks.clone());
+        retention::start(
+            pool.clone(),
+            config.dedupe_retention,
+            host.migrated(),
+            tasks.clone(),
+        );
         let importer = import::Importer::new(&postgres_config, config.import)?;
         let mut routes = GrpcRoutes::new();
         routes.add(TenantServiceServer::new(tenants::Tenants::new(
@@ -133,5 +154,23 @@ impl Service for Application {
         let result = self.host.run(self.routes, shutdown).await;
         self.tasks.trigger();
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dedupe_window_is_at_least_a_day() {
+        let ok = Config::from_env(&[("HIBIKI_DEDUPE_RETENTION_HOURS", "48")]).unwrap();
+        assert_eq!(
+            ok.dedupe_retention,
+            std::time::Duration::from_secs(48 * 3600)
+        );
+        let err = Config::from_env(&[("HIBIKI_DEDUPE_RETENTION_HOURS", "12")]).unwrap_err();
+        assert_eq!(err.var, "HIBIKI_DEDUPE_RETENTION_HOURS");
+        let err = Config::from_env(&[("HIBIKI_IMPORT_CHUNK_ROWS", "0")]).unwrap_err();
+        assert_eq!(err.var, "HIBIKI_IMPORT_CHUNK_ROWS");
     }
 }
