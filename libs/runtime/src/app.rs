@@ -96,3 +96,52 @@ pub fn main<S: Service>() -> ExitCode {
         code
     })
 }
+
+/// What a service without RPCs of its own yet is made of: its name and
+/// ports, and the stores it needs.
+pub trait SkeletonSpec: Send + 'static {
+    /// Name and default ports.
+    const DEFAULTS: ServiceDefaults;
+    /// The stores it needs to report SERVING.
+    const NEEDS: crate::host::Needs;
+}
+
+/// A service that serves health, reflection and metrics and reports on its
+/// stores, but has no RPC service of its own yet: those are registered when
+/// they are implemented, never stubbed. One generic type, so the services
+/// waiting for their turn do not each repeat the same start-up code.
+pub struct Skeleton<S: SkeletonSpec> {
+    host: crate::host::ServiceHost,
+    spec: std::marker::PhantomData<fn() -> S>,
+}
+
+impl<S: SkeletonSpec> Service for Skeleton<S> {
+    type Config = crate::config::RuntimeConfig;
+
+    const DEFAULTS: ServiceDefaults = S::DEFAULTS;
+
+    fn config_from_env(env: &dyn Env) -> Result<Self::Config, ConfigError> {
+        crate::config::RuntimeConfig::from_env(env, S::DEFAULTS)
+    }
+
+    async fn build(config: Self::Config) -> Result<Self, HostError> {
+        Ok(Self {
+            host: crate::host::ServiceHost::bind(config, S::NEEDS).await?,
+            spec: std::marker::PhantomData,
+        })
+    }
+
+    fn grpc_addr(&self) -> SocketAddr {
+        self.host.grpc_addr()
+    }
+
+    fn metrics_addr(&self) -> SocketAddr {
+        self.host.metrics_addr()
+    }
+
+    async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
+        self.host
+            .run(crate::grpc::GrpcRoutes::new(), shutdown)
+            .await
+    }
+}

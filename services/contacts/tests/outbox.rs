@@ -1,12 +1,13 @@
 //! The outbox publishes a membership change once its transaction commits,
 //! and never one whose transaction rolled back.
 
+mod common;
+
 use hibiki_contacts::outbox;
 use hibiki_contacts::store;
 use hibiki_proto::common::v1::TraceContext;
 use hibiki_proto::contacts::v1::{MembershipChange, MembershipChangeRecord};
-use hibiki_runtime::config::{PostgresConfig, RedisConfig, Secret};
-use hibiki_runtime::postgres;
+use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::redis::Redis;
 use hibiki_testkit::{TestDatabase, random_id, stream_payloads};
 use prost::Message;
@@ -31,17 +32,7 @@ async fn stream(key: &str) -> Vec<MembershipChangeRecord> {
 #[tokio::test]
 async fn only_committed_changes_are_published_and_each_once() {
     let database = TestDatabase::create().await;
-    let pool = postgres::connect_lazy(
-        &PostgresConfig {
-            url: Secret::new(database.url()),
-            max_connections: 2,
-        },
-        "contacts",
-    )
-    .unwrap();
-    postgres::migrate(&pool, "contacts", &hibiki_contacts::MIGRATOR)
-        .await
-        .unwrap();
+    let pool = common::migrated_pool(&database).await;
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new("redis://127.0.0.1:6379"),
         key_prefix: format!("test-{}", random_id()),

@@ -1,27 +1,17 @@
 //! Idempotency records are forgotten after the retention window, and not
 //! before.
 
+mod common;
+
 use std::time::Duration;
 
 use hibiki_contacts::retention;
-use hibiki_runtime::config::{PostgresConfig, Secret};
-use hibiki_runtime::postgres;
 use hibiki_testkit::TestDatabase;
 
 #[tokio::test]
 async fn records_older_than_the_window_are_purged_and_newer_ones_kept() {
     let database = TestDatabase::create().await;
-    let pool = postgres::connect_lazy(
-        &PostgresConfig {
-            url: Secret::new(database.url()),
-            max_connections: 2,
-        },
-        "contacts",
-    )
-    .unwrap();
-    postgres::migrate(&pool, "contacts", &hibiki_contacts::MIGRATOR)
-        .await
-        .unwrap();
+    let pool = common::migrated_pool(&database).await;
     sqlx::query(
         "INSERT INTO applied_events (tenant_id, webhook_event_id, applied_at) VALUES \
          ('acme', 'old', now() - interval '8 days'), ('acme', 'new', now() - interval '1 day')",

@@ -3,6 +3,8 @@
 //! evaluated both ways, and the member sets must be equal. Seeds are fixed
 //! so a failure reproduces; the failing seed and rule are printed.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use hibiki_contacts::attrs::{self, AttrValue, Attributes};
@@ -11,8 +13,6 @@ use hibiki_proto::common::v1::{Value, value::Kind};
 use hibiki_proto::contacts::v1::{
     AttributeCondition, Comparison, HasTag, RuleList, SegmentRule, segment_rule::Node,
 };
-use hibiki_runtime::config::{PostgresConfig, Secret};
-use hibiki_runtime::postgres;
 use hibiki_testkit::TestDatabase;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -149,17 +149,7 @@ fn random_rule(rng: &mut StdRng, depth: u32) -> SegmentRule {
 #[tokio::test]
 async fn the_sql_and_rust_evaluators_agree_on_random_rules_and_contacts() {
     let database = TestDatabase::create().await;
-    let pool = postgres::connect_lazy(
-        &PostgresConfig {
-            url: Secret::new(database.url()),
-            max_connections: 4,
-        },
-        "contacts",
-    )
-    .unwrap();
-    postgres::migrate(&pool, "contacts", &hibiki_contacts::MIGRATOR)
-        .await
-        .unwrap();
+    let pool = common::migrated_pool(&database).await;
 
     let mut compared = 0;
     for seed in 0..4u64 {

@@ -1,13 +1,8 @@
 //! delivery: every outbound call to the LINE Messaging API, through per-channel Redis queues with rate limits, coalescing, retries with backoff, and dead letters.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
-
-use hibiki_runtime::app::Service;
-use hibiki_runtime::grpc::GrpcRoutes;
-use hibiki_runtime::{
-    ConfigError, Env, HostError, Needs, RuntimeConfig, ServiceDefaults, ServiceHost, Shutdown,
-};
+use hibiki_runtime::app::{Skeleton, SkeletonSpec};
+use hibiki_runtime::{Needs, ServiceDefaults};
 
 /// Name and default ports (gRPC 50054, metrics 9104).
 pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
@@ -19,60 +14,17 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
 /// The service's migrations (`migrations/`), applied into its own schema.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// The stores this service needs to report SERVING.
-const NEEDS: Needs = Needs {
-    postgres: Some(("delivery", &MIGRATOR)),
-    redis: true,
-};
+/// What delivery is made of until its RPCs land.
+pub struct Spec;
 
-/// The service's settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Settings shared by every service.
-    pub runtime: RuntimeConfig,
-}
-
-impl Config {
-    /// Reads the settings from `env`.
-    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
-        Ok(Self {
-            runtime: RuntimeConfig::from_env(env, DEFAULTS)?,
-        })
-    }
-}
-
-/// The delivery service, built and ready to run.
-pub struct Application {
-    host: ServiceHost,
-    routes: GrpcRoutes,
-}
-
-impl Service for Application {
-    type Config = Config;
-
+impl SkeletonSpec for Spec {
     const DEFAULTS: ServiceDefaults = DEFAULTS;
-
-    fn config_from_env(env: &dyn Env) -> Result<Config, ConfigError> {
-        Config::from_env(env)
-    }
-
-    async fn build(config: Config) -> Result<Self, HostError> {
-        let host = ServiceHost::bind(config.runtime, NEEDS).await?;
-        Ok(Self {
-            host,
-            routes: GrpcRoutes::new(),
-        })
-    }
-
-    fn grpc_addr(&self) -> SocketAddr {
-        self.host.grpc_addr()
-    }
-
-    fn metrics_addr(&self) -> SocketAddr {
-        self.host.metrics_addr()
-    }
-
-    async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
-        self.host.run(self.routes, shutdown).await
-    }
+    const NEEDS: Needs = Needs {
+        postgres: Some(("delivery", &MIGRATOR)),
+        redis: true,
+    };
 }
+
+/// The delivery service, built and ready to run: health, reflection and
+/// metrics, reporting on its stores.
+pub type Application = Skeleton<Spec>;

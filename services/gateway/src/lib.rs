@@ -1,13 +1,8 @@
 //! gateway: the HTTP edge for LINE webhooks. It verifies each webhook's signature with the channel secret (kept in memory from contacts' WatchChannels), dedupes on webhookEventId, and appends every event to the Redis event log before answering 200.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
-
-use hibiki_runtime::app::Service;
-use hibiki_runtime::grpc::GrpcRoutes;
-use hibiki_runtime::{
-    ConfigError, Env, HostError, Needs, RuntimeConfig, ServiceDefaults, ServiceHost, Shutdown,
-};
+use hibiki_runtime::app::{Skeleton, SkeletonSpec};
+use hibiki_runtime::{Needs, ServiceDefaults};
 
 /// Name and default ports (gRPC 50051, metrics 9101).
 pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
@@ -16,60 +11,17 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     metrics_port: 9101,
 };
 
-/// The stores this service needs to report SERVING.
-const NEEDS: Needs = Needs {
-    postgres: None,
-    redis: true,
-};
+/// What gateway is made of until its RPCs land.
+pub struct Spec;
 
-/// The service's settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Settings shared by every service.
-    pub runtime: RuntimeConfig,
-}
-
-impl Config {
-    /// Reads the settings from `env`.
-    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
-        Ok(Self {
-            runtime: RuntimeConfig::from_env(env, DEFAULTS)?,
-        })
-    }
-}
-
-/// The gateway service, built and ready to run.
-pub struct Application {
-    host: ServiceHost,
-    routes: GrpcRoutes,
-}
-
-impl Service for Application {
-    type Config = Config;
-
+impl SkeletonSpec for Spec {
     const DEFAULTS: ServiceDefaults = DEFAULTS;
-
-    fn config_from_env(env: &dyn Env) -> Result<Config, ConfigError> {
-        Config::from_env(env)
-    }
-
-    async fn build(config: Config) -> Result<Self, HostError> {
-        let host = ServiceHost::bind(config.runtime, NEEDS).await?;
-        Ok(Self {
-            host,
-            routes: GrpcRoutes::new(),
-        })
-    }
-
-    fn grpc_addr(&self) -> SocketAddr {
-        self.host.grpc_addr()
-    }
-
-    fn metrics_addr(&self) -> SocketAddr {
-        self.host.metrics_addr()
-    }
-
-    async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
-        self.host.run(self.routes, shutdown).await
-    }
+    const NEEDS: Needs = Needs {
+        postgres: None,
+        redis: true,
+    };
 }
+
+/// The gateway service, built and ready to run: health, reflection and
+/// metrics, reporting on its stores.
+pub type Application = Skeleton<Spec>;

@@ -155,3 +155,20 @@ pub fn event(
         ..Default::default()
     }
 }
+
+/// A pool on `database` with contacts' migrations applied, for tests of the
+/// service's internals without starting it.
+pub async fn migrated_pool(database: &TestDatabase) -> sqlx::PgPool {
+    let pool = hibiki_runtime::postgres::connect_lazy(
+        &hibiki_runtime::config::PostgresConfig {
+            url: hibiki_runtime::config::Secret::new(database.url()),
+            max_connections: 4,
+        },
+        "contacts",
+    )
+    .expect("a valid database URL");
+    hibiki_runtime::postgres::migrate(&pool, "contacts", &hibiki_contacts::MIGRATOR)
+        .await
+        .expect("contacts' migrations apply");
+    pool
+}
