@@ -246,17 +246,15 @@ impl Contacts {
             )));
         };
         apply_edit(row, &edit, "set")?;
-        store::save_contacts(&mut tx, tenant, &[&*row]).await?;
-        let delta = ContactDelta {
-            line_user_id: user.to_owned(),
-            before: locked.before.remove(user).flatten(),
-            after: Some(row.state()),
-        };
-        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, tenant, &[delta])
+        let mut delta = [ContactDelta::of(row, locked.before.remove(user).flatten())];
+        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, tenant, &mut delta)
             .await?
             .into_iter()
             .map(|(_, c)| c)
             .collect();
+        let [delta] = delta;
+        row.segs = delta.segs;
+        store::save_contacts(&mut tx, tenant, &[&*row]).await?;
         store::write_outbox(&mut tx, tenant, &changes, &current_trace_context()).await?;
         let response = MutationResponse {
             membership_changes: changes,
@@ -378,18 +376,17 @@ impl Contacts {
             results[i].outcome = EventOutcome::Applied as i32;
             results[i].follow_transition = apply_event(row, e) as i32;
         }
-        let changed: Vec<&ContactRow> = locked.rows.values().collect();
-        store::save_contacts(&mut tx, tenant, &changed).await?;
-        let deltas: Vec<ContactDelta> = locked
+        let mut deltas: Vec<ContactDelta> = locked
             .rows
             .values()
-            .map(|r| ContactDelta {
-                line_user_id: r.line_user_id.clone(),
-                before: locked.before.get(&r.line_user_id).cloned().flatten(),
-                after: Some(r.state()),
-            })
+            .map(|r| ContactDelta::of(r, locked.before.get(&r.line_user_id).cloned().flatten()))
             .collect();
-        let changes = store::maintain_segments(&mut tx, tenant, &deltas).await?;
+        let changes = store::maintain_segments(&mut tx, tenant, &mut deltas).await?;
+        for (row, delta) in locked.rows.values_mut().zip(deltas) {
+            row.segs = delta.segs;
+        }
+        let changed: Vec<&ContactRow> = locked.rows.values().collect();
+        store::save_contacts(&mut tx, tenant, &changed).await?;
         let all: Vec<MembershipChange> = changes.iter().map(|(_, c)| c.clone()).collect();
         store::write_outbox(&mut tx, tenant, &all, &current_trace_context()).await?;
         tx.commit().await?;
@@ -505,16 +502,15 @@ impl ContactService for Contacts {
                 .await
                 .map_err(Error::from)?
         } else {
-            crate::segments::require_segment(&self.pool, &r.tenant_id, &r.segment_id).await?;
+            let no = crate::segments::segment_no(&self.pool, &r.tenant_id, &r.segment_id).await?;
             let sql = format!(
-                "SELECT {columns} FROM segment_members m JOIN contacts c \
-                   ON c.tenant_id = m.tenant_id AND c.line_user_id = m.line_user_id \
-                 WHERE m.tenant_id = $1 AND m.segment_id = $2 AND m.line_user_id > $3 \
-                 ORDER BY m.line_user_id LIMIT $4"
+                "SELECT {columns} FROM contacts c \
+                 WHERE c.tenant_id = $1 AND c.segs @> ARRAY[$2::int] AND c.line_user_id > $3 \
+                 ORDER BY c.line_user_id LIMIT $4"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(&r.tenant_id)
-                .bind(&r.segment_id)
+                .bind(no)
                 .bind(page.after())
                 .bind(page.fetch_limit())
                 .fetch_all(&self.pool)
@@ -574,19 +570,17 @@ impl ContactService for Contacts {
                 "set_attributes",
             )?;
         }
-        store::save_contacts(&mut tx, &tenant, &[&*row]).await?;
         let before = locked.before.remove(&user).flatten();
         let created = before.is_none();
-        let delta = ContactDelta {
-            line_user_id: user.clone(),
-            before,
-            after: Some(row.state()),
-        };
-        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, &tenant, &[delta])
+        let mut delta = [ContactDelta::of(row, before)];
+        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, &tenant, &mut delta)
             .await?
             .into_iter()
             .map(|(_, c)| c)
             .collect();
+        let [delta] = delta;
+        row.segs = delta.segs;
+        store::save_contacts(&mut tx, &tenant, &[&*row]).await?;
         store::write_outbox(&mut tx, &tenant, &changes, &current_trace_context()).await?;
         let response = UpsertContactResponse {
             contact: Some(row.to_proto()),
@@ -618,29 +612,23 @@ impl ContactService for Contacts {
         let mut tx = self.pool.begin().await.map_err(Error::from)?;
         let ids = BTreeSet::from([user.clone()]);
         let mut locked = store::lock_contacts(&mut tx, &tenant, &ids, false).await?;
-        if locked.rows.remove(&user).is_none() {
+        let Some(row) = locked.rows.remove(&user) else {
             return Err(Error::NotFound(format!(
                 "contact {user:?} does not exist in tenant {tenant:?}"
             ))
             .into());
-        }
-        let delta = ContactDelta {
-            line_user_id: user.clone(),
-            before: locked.before.remove(&user).flatten(),
-            after: None,
         };
-        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, &tenant, &[delta])
+        // Every segment is re-evaluated for an erased contact: it leaves
+        // each one it was in, and the counts drop with it.
+        let mut delta = [ContactDelta {
+            after: None,
+            ..ContactDelta::of(&row, locked.before.remove(&user).flatten())
+        }];
+        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, &tenant, &mut delta)
             .await?
             .into_iter()
             .map(|(_, c)| c)
             .collect();
-        // Memberships of segments still computing (not yet evaluated above).
-        sqlx::query("DELETE FROM segment_members WHERE tenant_id = $1 AND line_user_id = $2")
-            .bind(&tenant)
-            .bind(&user)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::from)?;
         sqlx::query("DELETE FROM contacts WHERE tenant_id = $1 AND line_user_id = $2")
             .bind(&tenant)
             .bind(&user)

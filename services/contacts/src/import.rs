@@ -21,7 +21,7 @@
 //! (not one record per imported member), which is what analytics needs and
 //! keeps a million-row import from writing millions of outbox rows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,8 @@ use tonic::Streaming;
 
 use crate::attrs::{self, AttrValue, Attributes, MAX_ATTRIBUTES, MAX_TAGS};
 use crate::error::{Error, Result};
-use crate::rules::SqlParams;
-use crate::store::decode_rule;
+use crate::rules::{ContactState, Rule};
+use crate::store::{decode_rule, segs_literal, set_membership, text_array_literal};
 use crate::tenants::require_tenant;
 use crate::validate;
 
@@ -156,17 +156,12 @@ fn check_record(r: &ImportRecord) -> std::result::Result<Row, RowError> {
     })
 }
 
-/// Appends `value` to a COPY text-format line, escaped.
-fn copy_field(line: &mut String, value: &str) {
-    for ch in value.chars() {
-        match ch {
-            '\\' => line.push_str("\\\\"),
-            '\t' => line.push_str("\\t"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            c => line.push(c),
-        }
-    }
+/// A user id's hash, to tell cheaply whether two chunks share a contact (a
+/// collision only makes a chunk wait).
+fn user_hash(user: &str) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    static STATE: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
+    STATE.hash_one(user)
 }
 
 /// One chunk's records, in stream order, with its row errors.
@@ -259,21 +254,49 @@ impl Importer {
             "import started"
         );
 
-        // Reading and checking the next chunk overlaps with committing the
-        // previous one; chunks still commit one at a time, in order.
+        // Chunks commit on up to `db_connections` connections at once while
+        // the next ones are read and checked. Two chunks that share a contact
+        // never run together: the later one waits, so the later record wins.
         let started = Instant::now();
         let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Chunk>(1);
         let committer = {
             let importer = self.clone();
             let (tenant_id, import_id) = (tenant_id.clone(), import_id.clone());
+            let parallel = self.config.db_connections.max(1) as usize;
             tokio::spawn(async move {
+                let mut running: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
+                let mut users_running: Vec<(tokio::task::Id, HashSet<u64>)> = Vec::new();
                 let mut rows_done: u64 = 0;
+                let finished =
+                    |id: tokio::task::Id, users: &mut Vec<(tokio::task::Id, HashSet<u64>)>| {
+                        users.retain(|(t, _)| *t != id);
+                    };
                 while let Some(chunk) = chunks_rx.recv().await {
+                    let users: HashSet<u64> = chunk.rows.keys().map(|u| user_hash(u)).collect();
+                    while running.len() >= parallel
+                        || users_running
+                            .iter()
+                            .any(|(_, other)| !other.is_disjoint(&users))
+                    {
+                        let (id, result) = running
+                            .join_next_with_id()
+                            .await
+                            .expect("a chunk is running")
+                            .map_err(|e| Error::Unavailable(format!("import chunk: {e}")))?;
+                        finished(id, &mut users_running);
+                        result?;
+                    }
                     rows_done += chunk.received;
-                    importer
-                        .commit_chunk(&tenant_id, &import_id, replace_tags, chunk)
-                        .await?;
+                    let importer2 = importer.clone();
+                    let (t, i) = (tenant_id.clone(), import_id.clone());
+                    let handle = running.spawn(async move {
+                        importer2.commit_chunk(&t, &i, replace_tags, chunk).await
+                    });
+                    users_running.push((handle.id(), users));
                     importer.pace(started, rows_done).await;
+                }
+                while let Some(joined) = running.join_next().await {
+                    joined.map_err(|e| Error::Unavailable(format!("import chunk: {e}")))??;
                 }
                 Ok::<(), Error>(())
             })
@@ -367,103 +390,164 @@ impl Importer {
         }
     }
 
+    /// Commits one chunk, again from the start when a contact it meant to
+    /// create was created meanwhile by someone else.
     async fn commit_chunk(
         &self,
         tenant: &str,
         import_id: &str,
         replace_tags: bool,
-        mut chunk: Chunk,
+        chunk: Chunk,
+    ) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .try_commit_chunk(tenant, import_id, replace_tags, &chunk)
+                .await
+            {
+                Err(Error::Aborted(why)) if attempt < 5 => {
+                    tracing::debug!(import_id, chunk = chunk.index, why, "import chunk retried");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One transaction: lock the chunk's existing contacts, merge and
+    /// evaluate every segment in Rust (the evaluator the realtime path uses),
+    /// write the contacts with their memberships in two set-wise statements,
+    /// record the count changes as deltas and the chunk as done.
+    ///
+    /// The segments are held `FOR KEY SHARE`: a rule change waits for the
+    /// chunk, realtime writers (`FOR NO KEY UPDATE`) do not. No segment row
+    /// is written, so realtime writers never wait on an import chunk unless
+    /// they touch the same contacts.
+    async fn try_commit_chunk(
+        &self,
+        tenant: &str,
+        import_id: &str,
+        replace_tags: bool,
+        chunk: &Chunk,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "CREATE TEMP TABLE IF NOT EXISTS import_staging \
-               (row_no bigint, line_user_id text, display_name text, tags jsonb, attributes jsonb) \
-             ON COMMIT DELETE ROWS",
-        )
-        .execute(&mut *tx)
-        .await?;
-        if !chunk.rows.is_empty() {
-            let mut data = String::with_capacity(chunk.rows.len() * 128);
-            for (row_no, row) in chunk.rows.values() {
-                data.push_str(&row_no.to_string());
-                data.push('\t');
-                copy_field(&mut data, &row.line_user_id);
-                data.push('\t');
-                copy_field(&mut data, &row.display_name);
-                data.push('\t');
-                copy_field(&mut data, &json!(row.tags).to_string());
-                data.push('\t');
-                copy_field(
-                    &mut data,
-                    &attrs::attributes_to_json(&row.attributes).to_string(),
-                );
-                data.push('\n');
-            }
-            let mut copy = tx
-                .copy_in_raw("COPY import_staging (row_no, line_user_id, display_name, tags, attributes) FROM STDIN")
-                .await?;
-            copy.send(data.into_bytes()).await?;
-            copy.finish().await?;
-            // Without statistics the planner takes the staging table for
-            // empty-ish and may scan all of the tenant's contacts per join.
-            sqlx::query("ANALYZE import_staging")
-                .execute(&mut *tx)
-                .await?;
-        }
-        // An attribute keeps its type: rows that would change one are
-        // rejected, not merged.
-        let conflicts: Vec<(i64, String, String, String)> = sqlx::query_as(
-            "WITH conflicts AS ( \
-               SELECT s.row_no, e.key, jsonb_typeof(c.attributes -> e.key) AS have, \
-                      jsonb_typeof(e.value) AS got \
-               FROM contacts c \
-               JOIN import_staging s ON s.line_user_id = c.line_user_id \
-               CROSS JOIN LATERAL jsonb_each(s.attributes) AS e \
-               WHERE c.tenant_id = $1 \
-                 AND c.line_user_id = ANY(ARRAY(SELECT line_user_id FROM import_staging)) \
-                 AND c.attributes ? e.key \
-                 AND jsonb_typeof(c.attributes -> e.key) <> jsonb_typeof(e.value)), \
-             gone AS (DELETE FROM import_staging s USING conflicts x WHERE s.row_no = x.row_no) \
-             SELECT row_no, key, have, got FROM conflicts ORDER BY row_no, key",
+        let segments: Vec<(String, i32, Vec<u8>)> = sqlx::query_as(
+            "SELECT segment_id, no, rule FROM segments WHERE tenant_id = $1 \
+             ORDER BY segment_id FOR KEY SHARE",
         )
         .bind(tenant)
         .fetch_all(&mut *tx)
         .await?;
-        let mut conflicted_rows = std::collections::BTreeSet::new();
-        for (row, key, have, got) in conflicts {
-            if conflicted_rows.insert(row) {
-                chunk.errors.push(row_error(
-                    row as u64,
-                    format!("attributes.{key}"),
-                    format!("the contact's attribute is a {have}; the import gives a {got}"),
-                ));
-            }
-        }
-        // Merge, in user id order (the lock order of every writer).
-        let upserted = sqlx::query(
-            "INSERT INTO contacts (tenant_id, line_user_id, display_name, tags, attributes) \
-             SELECT $1, s.line_user_id, s.display_name, \
-                    ARRAY(SELECT jsonb_array_elements_text(s.tags)), s.attributes \
-             FROM import_staging s ORDER BY s.line_user_id \
-             ON CONFLICT (tenant_id, line_user_id) DO UPDATE SET \
-               display_name = CASE WHEN EXCLUDED.display_name = '' THEN contacts.display_name \
-                                   ELSE EXCLUDED.display_name END, \
-               tags = CASE WHEN $2 THEN EXCLUDED.tags \
-                           ELSE ARRAY(SELECT DISTINCT t FROM unnest(contacts.tags || EXCLUDED.tags) AS t ORDER BY t) END, \
-               attributes = contacts.attributes || EXCLUDED.attributes, \
-               updated_at = now()",
+        let segments = segments
+            .into_iter()
+            .map(|(id, no, rule)| Ok((decode_rule(&id, &rule)?, id, no)))
+            .collect::<Result<Vec<(Rule, String, i32)>>>()?;
+        let ids: Vec<&str> = chunk.rows.keys().map(String::as_str).collect();
+        let existing: Vec<Existing> = sqlx::query_as(
+            "SELECT line_user_id, follow_state, display_name, tags, attributes, segs FROM contacts \
+             WHERE tenant_id = $1 AND line_user_id = ANY($2) ORDER BY line_user_id FOR UPDATE",
         )
         .bind(tenant)
-        .bind(replace_tags)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        self.maintain_segments(&mut tx, tenant).await?;
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut existing: HashMap<String, Existing> = existing
+            .into_iter()
+            .map(|e| (e.line_user_id.clone(), e))
+            .collect();
 
-        chunk.errors.sort_by_key(|e| e.row);
-        let rejected = chunk.errors.len() as i64;
-        let errors: Vec<serde_json::Value> = chunk
-            .errors
+        let mut errors = chunk.errors.clone();
+        let mut created = Written::default();
+        let mut updated = Written::default();
+        let mut deltas: Vec<i64> = vec![0; segments.len()];
+        for (user, (row_no, row)) in &chunk.rows {
+            let old = existing.remove(user);
+            let merged = match merge(old.as_ref(), row, replace_tags) {
+                Ok(m) => m,
+                Err((field, message)) => {
+                    errors.push(row_error(*row_no, field, message));
+                    continue;
+                }
+            };
+            let mut segs = old.as_ref().map(|o| o.segs.clone()).unwrap_or_default();
+            for (i, (rule, _, no)) in segments.iter().enumerate() {
+                let should = rule.matches(&merged.state);
+                if set_membership(&mut segs, *no, should) {
+                    deltas[i] += if should { 1 } else { -1 };
+                }
+            }
+            let out = if old.is_some() {
+                &mut updated
+            } else {
+                &mut created
+            };
+            out.push(user, merged, &segs);
+        }
+
+        let mut upserted = 0;
+        if !created.ids.is_empty() {
+            let inserted = sqlx::query(
+                "INSERT INTO contacts (tenant_id, line_user_id, display_name, tags, attributes, segs) \
+                 SELECT $1, u, n, t::text[], a, s::int[] \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[]) AS x(u, n, t, a, s) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(tenant)
+            .bind(&created.ids)
+            .bind(&created.names)
+            .bind(&created.tags)
+            .bind(&created.attributes)
+            .bind(&created.segs)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted != created.ids.len() as u64 {
+                // A realtime event created one of these contacts after the
+                // lock above: merge with it instead, from the start.
+                return Err(Error::Aborted(
+                    "a contact of the chunk was created concurrently".into(),
+                ));
+            }
+            upserted += inserted;
+        }
+        if !updated.ids.is_empty() {
+            upserted += sqlx::query(
+                "UPDATE contacts c SET display_name = x.n, tags = x.t::text[], attributes = x.a, \
+                   segs = x.s::int[], updated_at = now() \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[]) AS x(u, n, t, a, s) \
+                 WHERE c.tenant_id = $1 AND c.line_user_id = x.u",
+            )
+            .bind(tenant)
+            .bind(&updated.ids)
+            .bind(&updated.names)
+            .bind(&updated.tags)
+            .bind(&updated.attributes)
+            .bind(&updated.segs)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        let moved: Vec<(&str, i64)> = segments
+            .iter()
+            .zip(&deltas)
+            .filter(|(_, d)| **d != 0)
+            .map(|((_, id, _), d)| (id.as_str(), *d))
+            .collect();
+        if !moved.is_empty() {
+            sqlx::query(
+                "INSERT INTO segment_count_deltas (tenant_id, segment_id, delta) \
+                 SELECT $1, s, d FROM unnest($2::text[], $3::bigint[]) AS x(s, d)",
+            )
+            .bind(tenant)
+            .bind(moved.iter().map(|m| m.0).collect::<Vec<_>>())
+            .bind(moved.iter().map(|m| m.1).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        errors.sort_by_key(|e| e.row);
+        let rejected = errors.len() as i64;
+        let errors: Vec<serde_json::Value> = errors
             .iter()
             .map(|e| json!({"row": e.row, "field": e.field, "message": e.message}))
             .collect();
@@ -495,12 +579,6 @@ impl Importer {
         .bind(MAX_ERRORS as i64)
         .execute(&mut *tx)
         .await?;
-        tracing::debug!(
-            import_id,
-            chunk = chunk.index,
-            rows = chunk.received,
-            "import chunk committed"
-        );
         sqlx::query(
             "INSERT INTO import_chunks (tenant_id, import_id, chunk, received, upserted, rejected) \
              VALUES ($1, $2, $3, $4, $5, $6) \
@@ -516,92 +594,124 @@ impl Importer {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        tracing::debug!(
+            import_id,
+            chunk = chunk.index,
+            rows = chunk.received,
+            "import chunk committed"
+        );
         Ok(())
     }
+}
 
-    /// Moves the chunk's contacts in and out of every segment of the
-    /// tenant, set-wise, and publishes each changed segment's new count.
-    ///
-    /// The chunk's contacts are fetched with `line_user_id = ANY(ARRAY(…))`:
-    /// a primary-key lookup, where a join with the staging table is planned
-    /// as a scan of all the tenant's contacts (half a second at a million).
-    ///
-    /// One statement evaluates every segment's rule over the chunk's
-    /// contacts, adds the missing memberships, removes the stale ones and
-    /// returns the net change per segment, so the segment locks (taken
-    /// first, in id order like every writer) are held for as short a time as
-    /// possible: realtime writers wait on them.
-    async fn maintain_segments(&self, tx: &mut sqlx::PgConnection, tenant: &str) -> Result<()> {
-        let segments: Vec<(String, Vec<u8>)> = sqlx::query_as(
-            "SELECT segment_id, rule FROM segments WHERE tenant_id = $1 ORDER BY segment_id FOR UPDATE",
-        )
-        .bind(tenant)
-        .fetch_all(&mut *tx)
-        .await?;
-        if segments.is_empty() {
-            return Ok(());
-        }
-        let mut params = SqlParams::starting_at(3);
-        let mut selects = Vec::with_capacity(segments.len());
-        let mut ids = Vec::with_capacity(segments.len());
-        for (segment, rule) in &segments {
-            let rule = decode_rule(segment, rule)?;
-            let id = params.push(crate::rules::SqlParam::Text(segment.clone()));
-            let predicate = rule.to_sql(&mut params);
-            selects.push(format!(
-                "SELECT {id}::text AS segment_id, c.line_user_id FROM c WHERE {predicate}"
+/// A contact of a chunk as it is stored, locked.
+#[derive(sqlx::FromRow)]
+struct Existing {
+    line_user_id: String,
+    follow_state: i16,
+    display_name: String,
+    tags: Vec<String>,
+    attributes: serde_json::Value,
+    segs: Vec<i32>,
+}
+
+/// A contact as the import leaves it.
+struct Merged {
+    display_name: String,
+    tags: Vec<String>,
+    attributes: Attributes,
+    state: ContactState,
+}
+
+/// Merges an import row into the contact as stored (if any): a non-empty
+/// display name replaces the stored one; tags are added (or replace the
+/// stored ones with `replace_tags`); attributes are set, each keeping its
+/// type. The error is (field, reason).
+fn merge(
+    old: Option<&Existing>,
+    row: &Row,
+    replace_tags: bool,
+) -> std::result::Result<Merged, (String, String)> {
+    let Some(old) = old else {
+        return Ok(Merged {
+            display_name: row.display_name.clone(),
+            tags: row.tags.clone(),
+            attributes: row.attributes.clone(),
+            state: ContactState {
+                follow_state: 0,
+                tags: row.tags.iter().cloned().collect(),
+                attributes: row.attributes.clone(),
+            },
+        });
+    };
+    let mut attributes = attrs::attributes_from_json(&old.attributes);
+    for (k, v) in &row.attributes {
+        if let Some(have) = attributes.get(k)
+            && have.kind() != v.kind()
+        {
+            return Err((
+                format!("attributes.{k}"),
+                format!(
+                    "the contact's attribute is a {}; the import gives a {}",
+                    have.kind().name(),
+                    v.kind().name()
+                ),
             ));
-            ids.push(segment.clone());
         }
-        let sql = format!(
-            "WITH c AS MATERIALIZED ( \
-               SELECT c.line_user_id, c.tags, c.attributes, c.follow_state \
-               FROM contacts c \
-               WHERE c.tenant_id = $1 \
-                 AND c.line_user_id = ANY(ARRAY(SELECT line_user_id FROM import_staging))), \
-             should AS ({}), \
-             added AS ( \
-               INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
-               SELECT $1, segment_id, line_user_id FROM should \
-               ON CONFLICT DO NOTHING RETURNING segment_id), \
-             removed AS ( \
-               DELETE FROM segment_members m USING import_staging s \
-               WHERE m.tenant_id = $1 AND m.line_user_id = s.line_user_id \
-                 AND m.segment_id = ANY($2) \
-                 AND NOT EXISTS (SELECT 1 FROM should x \
-                                 WHERE x.segment_id = m.segment_id AND x.line_user_id = m.line_user_id) \
-               RETURNING m.segment_id), \
-             delta AS ( \
-               SELECT segment_id, count(*) AS d FROM added GROUP BY segment_id \
-               UNION ALL SELECT segment_id, -count(*) AS d FROM removed GROUP BY segment_id) \
-             SELECT segment_id, sum(d)::bigint FROM delta GROUP BY segment_id ORDER BY segment_id",
-            selects.join(" UNION ALL ")
-        );
-        let deltas: Vec<(String, i64)> = params
-            .bind(
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(tenant)
-                    .bind(&ids),
-            )
-            .fetch_all(&mut *tx)
-            .await
-            .map(|rows| {
-                use sqlx::Row;
-                rows.iter().map(|r| (r.get(0), r.get(1))).collect()
-            })?;
-        for (segment, delta) in deltas.into_iter().filter(|(_, d)| *d != 0) {
-            let count: i64 = sqlx::query_scalar(
-                "UPDATE segments SET member_count = member_count + $3, updated_at = now() \
-                 WHERE tenant_id = $1 AND segment_id = $2 RETURNING member_count",
-            )
-            .bind(tenant)
-            .bind(&segment)
-            .bind(delta)
-            .fetch_one(&mut *tx)
-            .await?;
-            crate::segments::write_snapshot(tx, tenant, &segment, count, false).await?;
-        }
-        Ok(())
+        attributes.insert(k.clone(), v.clone());
+    }
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err((
+            "attributes".into(),
+            format!("a contact has at most {MAX_ATTRIBUTES} attributes"),
+        ));
+    }
+    let tags: BTreeSet<String> = if replace_tags {
+        row.tags.iter().cloned().collect()
+    } else {
+        old.tags.iter().chain(&row.tags).cloned().collect()
+    };
+    if tags.len() > MAX_TAGS {
+        return Err((
+            "tags".into(),
+            format!("a contact has at most {MAX_TAGS} tags"),
+        ));
+    }
+    let display_name = if row.display_name.is_empty() {
+        old.display_name.clone()
+    } else {
+        row.display_name.clone()
+    };
+    Ok(Merged {
+        display_name,
+        tags: tags.iter().cloned().collect(),
+        state: ContactState {
+            follow_state: i32::from(old.follow_state),
+            tags,
+            attributes: attributes.clone(),
+        },
+        attributes,
+    })
+}
+
+/// The columns of one set-wise write, as parallel arrays.
+#[derive(Default)]
+struct Written {
+    ids: Vec<String>,
+    names: Vec<String>,
+    tags: Vec<String>,
+    attributes: Vec<serde_json::Value>,
+    segs: Vec<String>,
+}
+
+impl Written {
+    fn push(&mut self, user: &str, m: Merged, segs: &[i32]) {
+        self.ids.push(user.to_owned());
+        self.tags.push(text_array_literal(&m.tags));
+        self.attributes
+            .push(attrs::attributes_to_json(&m.attributes));
+        self.names.push(m.display_name);
+        self.segs.push(segs_literal(segs));
     }
 }
 
@@ -656,13 +766,6 @@ pub async fn status(pool: &PgPool, tenant: &str, import_id: &str) -> Result<Impo
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn copy_fields_are_escaped() {
-        let mut line = String::new();
-        copy_field(&mut line, "a\tb\nc\\d\re");
-        assert_eq!(line, "a\\tb\\nc\\\\d\\re");
-    }
 
     #[test]
     fn a_bad_record_names_its_row_and_field() {

@@ -2,14 +2,22 @@
 //! set-wise in SQL after it is created or its rule changes.
 //!
 //! A new or changed segment is stored as COMPUTING and the worker is woken.
-//! The worker takes one COMPUTING segment at a time (`FOR UPDATE SKIP
-//! LOCKED`, so replicas share the work and a crashed computation is picked up
-//! again), replaces its members with `INSERT … SELECT` over the rule's SQL
-//! predicate, sets the count and READY, and publishes a count snapshot, all
-//! in one transaction. It holds the segment's row lock throughout: a
-//! mutation touching the segment meanwhile waits, then re-evaluates against
-//! the computed members, so none is lost. Create and update wait up to two
-//! seconds for the computation, so small segments come back READY.
+//! The worker sweeps one COMPUTING segment at a time (a session advisory
+//! lock on the segment's number, so replicas share the work and a crashed
+//! sweep is taken over): it walks the tenant's contacts in `line_user_id`
+//! order, a batch per transaction, and with one `UPDATE` puts into or takes
+//! out of the segment every contact of the batch whose membership differs
+//! from the rule's SQL predicate, recording the net change as a count
+//! delta. Each batch holds only its own contacts' row locks and a
+//! `FOR KEY SHARE` lock on the segment, so realtime mutations and the bulk
+//! import go on meanwhile; they evaluate COMPUTING segments themselves, so
+//! every membership flip is counted exactly once. A rule change during a
+//! sweep starts it again. When the sweep reaches the end with the rule it
+//! started with, the segment is READY. Create and update wait up to two
+//! seconds for this, so small segments come back READY.
+//!
+//! The same worker folds count deltas into `member_count` every second and
+//! publishes a snapshot of each count it moved.
 
 use std::time::Duration;
 
@@ -33,7 +41,7 @@ use tonic::{Request, Response, Status};
 use crate::error::{Error, Result, is_unique_violation};
 use crate::page::Page;
 use crate::rules::{Rule, SqlParams};
-use crate::store::decode_rule;
+use crate::store::{COUNT_SQL, decode_rule};
 use crate::tenants::require_tenant;
 use crate::validate;
 
@@ -58,8 +66,14 @@ struct SegmentRow {
     updated_at: DateTime<Utc>,
 }
 
-const SEGMENT_COLUMNS: &str = "tenant_id, segment_id, name, description, rule, status, \
-     member_count, version, created_at, updated_at";
+/// `SELECT`s segment rows (`segments s`) with their current counts.
+fn select_segments(rest: &str) -> String {
+    format!(
+        "SELECT s.tenant_id, s.segment_id, s.name, s.description, s.rule, s.status, \
+           {COUNT_SQL} AS member_count, s.version, s.created_at, s.updated_at \
+         FROM segments s {rest}"
+    )
+}
 
 impl SegmentRow {
     fn to_proto(&self) -> Segment {
@@ -78,20 +92,15 @@ impl SegmentRow {
     }
 }
 
-/// NOT_FOUND unless the segment exists.
-pub async fn require_segment(pool: &PgPool, tenant: &str, segment: &str) -> Result<()> {
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM segments WHERE tenant_id = $1 AND segment_id = $2)",
-    )
-    .bind(tenant)
-    .bind(segment)
-    .fetch_one(pool)
-    .await?;
-    if exists {
-        Ok(())
-    } else {
-        Err(not_found(tenant, segment))
-    }
+/// The segment's number (what contacts' `segs` hold); NOT_FOUND unless the
+/// segment exists.
+pub async fn segment_no(pool: &PgPool, tenant: &str, segment: &str) -> Result<i32> {
+    sqlx::query_scalar("SELECT no FROM segments WHERE tenant_id = $1 AND segment_id = $2")
+        .bind(tenant)
+        .bind(segment)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| not_found(tenant, segment))
 }
 
 fn not_found(tenant: &str, segment: &str) -> Error {
@@ -127,9 +136,7 @@ impl Segments {
     }
 
     async fn fetch(&self, tenant: &str, segment: &str) -> Result<SegmentRow> {
-        let sql = format!(
-            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE tenant_id = $1 AND segment_id = $2"
-        );
+        let sql = select_segments("WHERE s.tenant_id = $1 AND s.segment_id = $2");
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(tenant)
             .bind(segment)
@@ -303,12 +310,8 @@ impl SegmentService for Segments {
         if deleted == 0 {
             return Err(not_found(&r.tenant_id, &r.segment_id).into());
         }
-        sqlx::query("DELETE FROM segment_members WHERE tenant_id = $1 AND segment_id = $2")
-            .bind(&r.tenant_id)
-            .bind(&r.segment_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::from)?;
+        // The segment's number lingers in its members' `segs` until each is
+        // next rewritten; numbers are never reused, so nothing reads it.
         write_snapshot(&mut tx, &r.tenant_id, &r.segment_id, 0, true).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(DeleteSegmentResponse {}))
@@ -334,10 +337,8 @@ impl SegmentService for Segments {
         let r = request.into_inner();
         caller.authorize_tenant(&r.tenant_id)?;
         let page = Page::from_request(r.page.as_ref(), "page")?;
-        let sql = format!(
-            "SELECT {SEGMENT_COLUMNS} FROM segments WHERE tenant_id = $1 AND name > $2 \
-             ORDER BY name LIMIT $3"
-        );
+        let sql =
+            select_segments("WHERE s.tenant_id = $1 AND s.name > $2 ORDER BY s.name LIMIT $3");
         let rows: Vec<SegmentRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(&r.tenant_id)
             .bind(page.after())
@@ -362,16 +363,17 @@ impl SegmentService for Segments {
         let r = request.into_inner();
         caller.authorize_tenant(&r.tenant_id)?;
         // The maintained counts: never a COUNT over members.
-        let rows: Vec<(String, i64, i16)> = sqlx::query_as(
-            "SELECT segment_id, member_count, status FROM segments \
-             WHERE tenant_id = $1 AND (cardinality($2::text[]) = 0 OR segment_id = ANY($2)) \
-             ORDER BY segment_id",
-        )
-        .bind(&r.tenant_id)
-        .bind(&r.segment_ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::from)?;
+        let sql = format!(
+            "SELECT s.segment_id, {COUNT_SQL}, s.status FROM segments s \
+             WHERE s.tenant_id = $1 AND (cardinality($2::text[]) = 0 OR s.segment_id = ANY($2)) \
+             ORDER BY s.segment_id"
+        );
+        let rows: Vec<(String, i64, i16)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&r.tenant_id)
+            .bind(&r.segment_ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::from)?;
         if let Some(missing) = r
             .segment_ids
             .iter()
@@ -399,31 +401,34 @@ impl SegmentService for Segments {
         let r = request.into_inner();
         caller.authorize_tenant(&r.tenant_id)?;
         let page = Page::from_request(r.page.as_ref(), "page")?;
-        let status: Option<i16> = sqlx::query_scalar(
-            "SELECT status FROM segments WHERE tenant_id = $1 AND segment_id = $2",
+        let segment: Option<(i16, i32)> = sqlx::query_as(
+            "SELECT status, no FROM segments WHERE tenant_id = $1 AND segment_id = $2",
         )
         .bind(&r.tenant_id)
         .bind(&r.segment_id)
         .fetch_optional(&self.pool)
         .await
         .map_err(Error::from)?;
-        match status {
+        let no = match segment {
             None => return Err(not_found(&r.tenant_id, &r.segment_id).into()),
-            Some(COMPUTING) => {
+            Some((COMPUTING, _)) => {
                 return Err(Error::FailedPrecondition(format!(
                     "segment {:?} is still computing its members",
                     r.segment_id
                 ))
                 .into());
             }
-            Some(_) => {}
-        }
+            Some((_, no)) => no,
+        };
+        // In `line_user_id` order along the primary key: paging through a
+        // whole segment reads the tenant's contacts once, however sparse
+        // the segment is.
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT line_user_id FROM segment_members WHERE tenant_id = $1 AND segment_id = $2 \
+            "SELECT line_user_id FROM contacts WHERE tenant_id = $1 AND segs @> ARRAY[$2::int] \
              AND line_user_id > $3 ORDER BY line_user_id LIMIT $4",
         )
         .bind(&r.tenant_id)
-        .bind(&r.segment_id)
+        .bind(no)
         .bind(page.after())
         .bind(page.fetch_limit())
         .fetch_all(&self.pool)
@@ -500,7 +505,7 @@ impl Computer {
 async fn run(pool: PgPool, wake: std::sync::Arc<Notify>, shutdown: Shutdown) {
     loop {
         loop {
-            match compute_one(&pool).await {
+            match compute_one(&pool, SWEEP_BATCH).await {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -509,8 +514,11 @@ async fn run(pool: PgPool, wake: std::sync::Arc<Notify>, shutdown: Shutdown) {
                 }
             }
         }
+        if let Err(e) = fold_counts(&pool).await {
+            tracing::warn!(error = %e, "folding segment counts failed; retrying");
+        }
         // Also poll: a computation another replica left unfinished (it
-        // crashed) is taken over within a second.
+        // crashed) is taken over within a second, and counts fold.
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = wake.notified() => {}
@@ -519,53 +527,194 @@ async fn run(pool: PgPool, wake: std::sync::Arc<Notify>, shutdown: Shutdown) {
     }
 }
 
-/// Computes one COMPUTING segment, if any is free. Returns whether it did.
-pub async fn compute_one(pool: &PgPool) -> Result<bool> {
-    let mut tx = pool.begin().await?;
-    let row: Option<(String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT tenant_id, segment_id, rule FROM segments WHERE status = $1 \
-         ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+/// Contacts per sweep transaction.
+const SWEEP_BATCH: i64 = 5000;
+
+/// The advisory lock class of segment sweeps (the key is the segment's number).
+const SWEEP_LOCK: i32 = 0x6869_6273; // "hibs"
+
+/// Sweeps one COMPUTING segment that no one else is sweeping, if any, in
+/// batches of `batch` contacts. Returns whether it found one.
+pub async fn compute_one(pool: &PgPool, batch: i64) -> Result<bool> {
+    let candidates: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT tenant_id, segment_id, no FROM segments WHERE status = $1 ORDER BY updated_at",
     )
     .bind(COMPUTING)
-    .fetch_optional(&mut *tx)
+    .fetch_all(pool)
     .await?;
-    let Some((tenant, segment, rule)) = row else {
-        return Ok(false);
-    };
-    let started = std::time::Instant::now();
-    let rule = decode_rule(&segment, &rule)?;
-    sqlx::query("DELETE FROM segment_members WHERE tenant_id = $1 AND segment_id = $2")
+    let mut conn = pool.acquire().await?;
+    for (tenant, segment, no) in candidates {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(SWEEP_LOCK)
+            .bind(no)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            continue;
+        }
+        let swept = sweep(&mut conn, &tenant, &segment, no, batch).await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(SWEEP_LOCK)
+            .bind(no)
+            .execute(&mut *conn)
+            .await;
+        if swept.is_err() || unlocked.is_err() {
+            // Never return a connection that may still hold the lock.
+            conn.close_on_drop();
+        }
+        swept?;
+        fold_counts(pool).await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Brings every contact's membership of one segment in line with its rule,
+/// then marks it READY.
+async fn sweep(
+    conn: &mut sqlx::PgConnection,
+    tenant: &str,
+    segment: &str,
+    no: i32,
+    batch: i64,
+) -> Result<()> {
+    'restart: loop {
+        let started = std::time::Instant::now();
+        let Some(version) = sqlx::query_scalar::<_, i64>(
+            "SELECT version FROM segments WHERE tenant_id = $1 AND segment_id = $2",
+        )
+        .bind(tenant)
+        .bind(segment)
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            return Ok(());
+        };
+        let mut after = String::new();
+        let mut members_seen: i64 = 0;
+        loop {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            // The rule, held steady for this batch.
+            let current: Option<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT version, rule FROM segments WHERE tenant_id = $1 AND segment_id = $2 \
+                 FOR KEY SHARE",
+            )
+            .bind(tenant)
+            .bind(segment)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((v, rule)) = current else {
+                return Ok(());
+            };
+            if v != version {
+                continue 'restart;
+            }
+            let rule = decode_rule(segment, &rule)?;
+            let upto: Option<String> = sqlx::query_scalar(
+                "SELECT line_user_id FROM contacts WHERE tenant_id = $1 AND line_user_id > $2 \
+                 ORDER BY line_user_id OFFSET $3 LIMIT 1",
+            )
+            .bind(tenant)
+            .bind(&after)
+            .bind(batch - 1)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let mut params = SqlParams::starting_at(5);
+            let matches = format!("COALESCE(({}), false)", rule.to_sql(&mut params));
+            let sql = format!(
+                "UPDATE contacts c SET segs = CASE WHEN {matches} \
+                   THEN ARRAY(SELECT DISTINCT n FROM unnest(c.segs || $4::int) AS n ORDER BY n) \
+                   ELSE array_remove(c.segs, $4::int) END \
+                 WHERE c.tenant_id = $1 AND c.line_user_id > $2 \
+                   AND ($3::text IS NULL OR c.line_user_id <= $3) \
+                   AND {matches} <> (c.segs @> ARRAY[$4::int]) \
+                 RETURNING {matches}"
+            );
+            let flips: Vec<bool> = params
+                .bind(
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(tenant)
+                        .bind(&after)
+                        .bind(&upto)
+                        .bind(no),
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map(|rows| {
+                    use sqlx::Row;
+                    rows.iter().map(|r| r.get::<bool, _>(0)).collect()
+                })?;
+            let net: i64 = flips.iter().map(|&e| if e { 1 } else { -1 }).sum();
+            if net != 0 {
+                sqlx::query(
+                    "INSERT INTO segment_count_deltas (tenant_id, segment_id, delta) \
+                     VALUES ($1, $2, $3)",
+                )
+                .bind(tenant)
+                .bind(segment)
+                .bind(net)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            members_seen += net;
+            match upto {
+                Some(u) => after = u,
+                None => break,
+            }
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let sql = format!(
+            "UPDATE segments s SET status = $3, computed_version = version, updated_at = now() \
+             WHERE s.tenant_id = $1 AND s.segment_id = $2 AND s.version = $4 RETURNING {COUNT_SQL}"
+        );
+        let count: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(tenant)
+            .bind(segment)
+            .bind(READY)
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(count) = count else {
+            continue 'restart;
+        };
+        write_snapshot(&mut tx, tenant, segment, count, false).await?;
+        tx.commit().await?;
+        tracing::info!(
+            tenant_id = %tenant,
+            segment_id = %segment,
+            net_change = members_seen,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "segment computed"
+        );
+        return Ok(());
+    }
+}
+
+/// Folds the pending count deltas into `member_count`, one segment per
+/// short transaction, and publishes each folded segment's count.
+pub async fn fold_counts(pool: &PgPool) -> Result<()> {
+    let pending: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT tenant_id, segment_id FROM segment_count_deltas ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (tenant, segment) in pending {
+        let mut tx = pool.begin().await?;
+        let count: Option<i64> = sqlx::query_scalar(
+            "WITH d AS (DELETE FROM segment_count_deltas WHERE tenant_id = $1 AND segment_id = $2 \
+                        RETURNING delta) \
+             UPDATE segments SET member_count = member_count + (SELECT COALESCE(sum(delta), 0) FROM d) \
+             WHERE tenant_id = $1 AND segment_id = $2 RETURNING member_count",
+        )
         .bind(&tenant)
         .bind(&segment)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-    let mut params = SqlParams::starting_at(3);
-    let predicate = rule.to_sql(&mut params);
-    let sql = format!(
-        "INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
-         SELECT c.tenant_id, $2, c.line_user_id FROM contacts c WHERE c.tenant_id = $1 AND {predicate}"
-    );
-    let count = params
-        .bind(
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(&tenant)
-                .bind(&segment),
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected() as i64;
-    sqlx::query(
-        "UPDATE segments SET status = $3, member_count = $4, updated_at = now() \
-         WHERE tenant_id = $1 AND segment_id = $2",
-    )
-    .bind(&tenant)
-    .bind(&segment)
-    .bind(READY)
-    .bind(count)
-    .execute(&mut *tx)
-    .await?;
-    write_snapshot(&mut tx, &tenant, &segment, count, false).await?;
-    tx.commit().await?;
-    tracing::info!(tenant_id = %tenant, segment_id = %segment, members = count, elapsed_ms = started.elapsed().as_millis() as u64, "segment computed");
-    Ok(true)
+        if let Some(count) = count {
+            write_snapshot(&mut tx, &tenant, &segment, count, false).await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
 }

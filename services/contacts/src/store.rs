@@ -5,11 +5,12 @@
 //! 2. change them in Rust and write them back in one statement;
 //! 3. re-evaluate only the segments whose rules read what changed (all of
 //!    the tenant's segments for a created or erased contact): lock those
-//!    segment rows in `segment_id` order, read the current memberships
-//!    *after* the lock (so a concurrent writer or a segment computation is
-//!    seen), insert and delete membership rows and move each segment's count
-//!    by the net change;
-//! 4. write the membership changes to the outbox.
+//!    segment rows in `segment_id` order (`FOR NO KEY UPDATE`: it excludes
+//!    a rule change, not the bulk import), flip the contact's memberships
+//!    (the segment numbers in its `segs`, guarded by the contact's row lock)
+//!    and move each segment's count by the net change;
+//! 4. write the contacts back, memberships included;
+//! 5. write the membership changes to the outbox.
 //!
 //! All in the caller's transaction: the contact, its memberships, the counts
 //! and the outbox commit together or not at all.
@@ -54,6 +55,8 @@ pub struct ContactRow {
     pub tags: Vec<String>,
     /// Stored attributes.
     pub attributes: serde_json::Value,
+    /// Numbers of the segments the contact is in, sorted.
+    pub segs: Vec<i32>,
     /// Created.
     pub created_at: DateTime<Utc>,
     /// Last changed.
@@ -63,7 +66,7 @@ pub struct ContactRow {
 /// The columns of [`ContactRow`], for `SELECT`s.
 pub const CONTACT_COLUMNS: &str = "tenant_id, line_user_id, follow_state, first_followed_at, \
      followed_at, blocked_at, refollow_count, follow_event_at, display_name, last_seen_at, tags, \
-     attributes, created_at, updated_at";
+     attributes, segs, created_at, updated_at";
 
 impl ContactRow {
     /// What segment rules see of this contact.
@@ -188,6 +191,8 @@ pub async fn save_contacts(
     // each travels as a JSON array and is turned back into text[].
     let tags: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::json!(r.tags)).collect();
     let attributes: Vec<&serde_json::Value> = rows.iter().map(|r| &r.attributes).collect();
+    // Segment lists travel as PostgreSQL array literals, for the same reason.
+    let segs: Vec<String> = rows.iter().map(|r| segs_literal(&r.segs)).collect();
     sqlx::query(
         "UPDATE contacts c SET \
            follow_state = u.follow_state, first_followed_at = u.first_followed_at, \
@@ -195,12 +200,13 @@ pub async fn save_contacts(
            refollow_count = u.refollow_count, follow_event_at = u.follow_event_at, \
            display_name = u.display_name, last_seen_at = u.last_seen_at, \
            tags = ARRAY(SELECT jsonb_array_elements_text(u.tags)), \
-           attributes = u.attributes, updated_at = now() \
+           attributes = u.attributes, segs = u.segs::int[], updated_at = now() \
          FROM unnest($2::text[], $3::smallint[], $4::timestamptz[], $5::timestamptz[], \
                      $6::timestamptz[], $7::int[], $8::timestamptz[], $9::text[], \
-                     $10::timestamptz[], $11::jsonb[], $12::jsonb[]) \
+                     $10::timestamptz[], $11::jsonb[], $12::jsonb[], $13::text[]) \
            AS u(line_user_id, follow_state, first_followed_at, followed_at, blocked_at, \
-                refollow_count, follow_event_at, display_name, last_seen_at, tags, attributes) \
+                refollow_count, follow_event_at, display_name, last_seen_at, tags, attributes, \
+                segs) \
          WHERE c.tenant_id = $1 AND c.line_user_id = u.line_user_id",
     )
     .bind(tenant)
@@ -215,9 +221,61 @@ pub async fn save_contacts(
     .bind(&seen)
     .bind(&tags)
     .bind(&attributes)
+    .bind(&segs)
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// A segment list as a PostgreSQL array literal, `{1,4,9}`.
+pub fn segs_literal(segs: &[i32]) -> String {
+    let mut out = String::with_capacity(2 + segs.len() * 4);
+    out.push('{');
+    for (i, n) in segs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&n.to_string());
+    }
+    out.push('}');
+    out
+}
+
+/// Text values as a PostgreSQL array literal, every element quoted:
+/// `{"a","b \"c\""}`.
+pub fn text_array_literal(values: &[String]) -> String {
+    let mut out = String::with_capacity(2 + values.iter().map(|v| v.len() + 3).sum::<usize>());
+    out.push('{');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for ch in v.chars() {
+            if ch == '"' || ch == '\\' {
+                out.push('\\');
+            }
+            out.push(ch);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// Puts `no` into or out of a sorted segment list; whether it changed.
+pub fn set_membership(segs: &mut Vec<i32>, no: i32, member: bool) -> bool {
+    match (segs.binary_search(&no), member) {
+        (Err(at), true) => {
+            segs.insert(at, no);
+            true
+        }
+        (Ok(at), false) => {
+            segs.remove(at);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// What changed about one contact in a transaction.
@@ -229,9 +287,23 @@ pub struct ContactDelta {
     pub before: Option<ContactState>,
     /// State after; `None` when the contact was erased.
     pub after: Option<ContactState>,
+    /// The contact's segment numbers: as stored when passed to
+    /// [`maintain_segments`], as they must be stored when it returns.
+    pub segs: Vec<i32>,
 }
 
 impl ContactDelta {
+    /// The delta of a locked contact: its state before the transaction
+    /// (`None` if it was created) against `row` as it is now.
+    pub fn of(row: &ContactRow, before: Option<ContactState>) -> Self {
+        Self {
+            line_user_id: row.line_user_id.clone(),
+            before,
+            after: Some(row.state()),
+            segs: row.segs.clone(),
+        }
+    }
+
     /// Whether anything a rule can read changed.
     pub fn is_change(&self) -> bool {
         self.before != self.after
@@ -241,6 +313,7 @@ impl ContactDelta {
 /// A segment locked for maintenance.
 struct LockedSegment {
     segment_id: String,
+    no: i32,
     rule: Rule,
     ref_tags: BTreeSet<String>,
     ref_attributes: BTreeSet<String>,
@@ -276,17 +349,22 @@ pub fn decode_rule(segment_id: &str, bytes: &[u8]) -> Result<Rule> {
     })
 }
 
-/// Re-evaluates the segments `deltas` can affect, applies the membership
-/// changes and counts, and returns the changes per contact (in the order
-/// of `deltas`, then by segment id), each with the segment's count right
-/// after it.
+/// The SQL for a segment's count: the maintained count plus the deltas the
+/// bulk import and the background computation have not had folded in yet.
+/// `s` is the `segments` row.
+pub const COUNT_SQL: &str = "(s.member_count + COALESCE((SELECT sum(d.delta) FROM segment_count_deltas d \
+     WHERE d.tenant_id = s.tenant_id AND d.segment_id = s.segment_id), 0))::bigint";
+
+/// Re-evaluates the segments `deltas` can affect, flips the memberships in
+/// each delta's `segs` (the caller stores them with the contact), moves the
+/// counts, and returns the changes per contact (in the order of `deltas`,
+/// then by segment id), each with the segment's count right after it.
 pub async fn maintain_segments(
     tx: &mut PgConnection,
     tenant: &str,
-    deltas: &[ContactDelta],
+    deltas: &mut [ContactDelta],
 ) -> Result<Vec<(String, MembershipChange)>> {
-    let deltas: Vec<&ContactDelta> = deltas.iter().filter(|d| d.is_change()).collect();
-    if deltas.is_empty() {
+    if !deltas.iter().any(ContactDelta::is_change) {
         return Ok(Vec::new());
     }
     // Which segments can be affected: for created or erased contacts, all;
@@ -296,7 +374,7 @@ pub async fn maintain_segments(
     let mut keys: BTreeSet<&str> = BTreeSet::new();
     let mut follow = false;
     let mut all = false;
-    for d in &deltas {
+    for d in deltas.iter().filter(|d| d.is_change()) {
         match (&d.before, &d.after) {
             (Some(a), Some(b)) => {
                 tags.extend(a.tags.symmetric_difference(&b.tags).map(String::as_str));
@@ -312,12 +390,12 @@ pub async fn maintain_segments(
             _ => all = true,
         }
     }
-    /// segment_id, rule, ref_tags, ref_attributes, ref_follow.
-    type SegmentRefsRow = (String, Vec<u8>, Vec<String>, Vec<String>, bool);
+    /// segment_id, no, rule, ref_tags, ref_attributes, ref_follow.
+    type SegmentRefsRow = (String, i32, Vec<u8>, Vec<String>, Vec<String>, bool);
     let rows: Vec<SegmentRefsRow> = sqlx::query_as(
-        "SELECT segment_id, rule, ref_tags, ref_attributes, ref_follow FROM segments \
+        "SELECT segment_id, no, rule, ref_tags, ref_attributes, ref_follow FROM segments \
          WHERE tenant_id = $1 AND ($2 OR ref_tags && $3 OR ref_attributes && $4 OR (ref_follow AND $5)) \
-         ORDER BY segment_id FOR UPDATE",
+         ORDER BY segment_id FOR NO KEY UPDATE",
     )
     .bind(tenant)
     .bind(all)
@@ -331,10 +409,11 @@ pub async fn maintain_segments(
     }
     let segments = rows
         .into_iter()
-        .map(|(segment_id, rule, t, a, f)| {
+        .map(|(segment_id, no, rule, t, a, f)| {
             Ok(LockedSegment {
                 rule: decode_rule(&segment_id, &rule)?,
                 segment_id,
+                no,
                 ref_tags: t.into_iter().collect(),
                 ref_attributes: a.into_iter().collect(),
                 ref_follow: f,
@@ -342,23 +421,9 @@ pub async fn maintain_segments(
         })
         .collect::<Result<Vec<_>>>()?;
 
-    // Memberships as they are now, read after the segment locks.
-    let user_ids: Vec<&str> = deltas.iter().map(|d| d.line_user_id.as_str()).collect();
-    let segment_ids: Vec<&str> = segments.iter().map(|s| s.segment_id.as_str()).collect();
-    let current: BTreeSet<(String, String)> = sqlx::query_as::<_, (String, String)>(
-        "SELECT segment_id, line_user_id FROM segment_members \
-         WHERE tenant_id = $1 AND line_user_id = ANY($2) AND segment_id = ANY($3)",
-    )
-    .bind(tenant)
-    .bind(&user_ids)
-    .bind(&segment_ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-
+    // (segment, user, entered)
     let mut changes: Vec<(String, String, bool)> = Vec::new();
-    for d in &deltas {
+    for d in deltas.iter_mut().filter(|d| d.is_change()) {
         let before = d.before.as_ref().unwrap_or(&empty);
         let after = d.after.as_ref().unwrap_or(&empty);
         let whole = d.before.is_none() || d.after.is_none();
@@ -367,8 +432,7 @@ pub async fn maintain_segments(
                 continue;
             }
             let should = d.after.as_ref().is_some_and(|c| s.rule.matches(c));
-            let is = current.contains(&(s.segment_id.clone(), d.line_user_id.clone()));
-            if should != is {
+            if set_membership(&mut d.segs, s.no, should) {
                 changes.push((s.segment_id.clone(), d.line_user_id.clone(), should));
             }
         }
@@ -376,47 +440,24 @@ pub async fn maintain_segments(
     if changes.is_empty() {
         return Ok(Vec::new());
     }
-
-    let (entered, exited): (Vec<_>, Vec<_>) = changes.iter().partition(|c| c.2);
-    if !entered.is_empty() {
-        sqlx::query(
-            "INSERT INTO segment_members (tenant_id, segment_id, line_user_id) \
-             SELECT $1, s, u FROM unnest($2::text[], $3::text[]) AS x(s, u)",
-        )
-        .bind(tenant)
-        .bind(entered.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
-        .bind(entered.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !exited.is_empty() {
-        sqlx::query(
-            "DELETE FROM segment_members m USING unnest($2::text[], $3::text[]) AS x(s, u) \
-             WHERE m.tenant_id = $1 AND m.segment_id = x.s AND m.line_user_id = x.u",
-        )
-        .bind(tenant)
-        .bind(exited.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
-        .bind(exited.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
     let mut net: BTreeMap<&str, i64> = BTreeMap::new();
     for (s, _, entered) in &changes {
         *net.entry(s.as_str()).or_default() += if *entered { 1 } else { -1 };
     }
-    let finals: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+    let sql = format!(
         "UPDATE segments s SET member_count = s.member_count + x.d, updated_at = now() \
          FROM unnest($2::text[], $3::bigint[]) AS x(id, d) \
          WHERE s.tenant_id = $1 AND s.segment_id = x.id \
-         RETURNING s.segment_id, s.member_count",
-    )
-    .bind(tenant)
-    .bind(net.keys().copied().collect::<Vec<_>>())
-    .bind(net.values().copied().collect::<Vec<_>>())
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
+         RETURNING s.segment_id, {COUNT_SQL}"
+    );
+    let finals: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(net.keys().copied().collect::<Vec<_>>())
+        .bind(net.values().copied().collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
 
     // Each change's count_after: walk back from the final count.
     let mut running: HashMap<&str, i64> = finals.iter().map(|(k, v)| (k.as_str(), *v)).collect();

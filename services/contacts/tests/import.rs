@@ -116,7 +116,8 @@ async fn assert_counts_exact(c: &Contacts, ids: &[String]) {
         .await
         .unwrap();
         let rows: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM contacts.segment_members WHERE tenant_id = $1 AND segment_id = $2",
+            "SELECT count(*) FROM contacts.contacts c JOIN contacts.segments s USING (tenant_id) \
+             WHERE c.tenant_id = $1 AND s.segment_id = $2 AND c.segs @> ARRAY[s.no]",
         )
         .bind(T)
         .bind(&count.segment_id)
