@@ -229,6 +229,7 @@ impl Contacts {
         edit: Edit,
         create: bool,
     ) -> Result<MutationResponse> {
+        let _realtime = self.importer.realtime().enter();
         idempotency_key(key)?;
         require_tenant(&self.pool, tenant).await?;
         let mut tx = self.pool.begin().await?;
@@ -247,14 +248,16 @@ impl Contacts {
         };
         apply_edit(row, &edit, "set")?;
         let mut delta = [ContactDelta::of(row, locked.before.remove(user).flatten())];
-        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, tenant, &mut delta)
+        let evaluated = store::evaluate_segments(&mut tx, tenant, &mut delta).await?;
+        let [delta] = delta;
+        row.segs = delta.segs;
+        store::save_contacts(&mut tx, tenant, &[&*row]).await?;
+        let changes: Vec<MembershipChange> = evaluated
+            .count(&mut tx, tenant)
             .await?
             .into_iter()
             .map(|(_, c)| c)
             .collect();
-        let [delta] = delta;
-        row.segs = delta.segs;
-        store::save_contacts(&mut tx, tenant, &[&*row]).await?;
         store::write_outbox(&mut tx, tenant, &changes, &current_trace_context()).await?;
         let response = MutationResponse {
             membership_changes: changes,
@@ -288,6 +291,7 @@ impl Contacts {
         tenant: &str,
         events: &[InboundEvent],
     ) -> Result<Vec<EventResult>> {
+        let _realtime = self.importer.realtime().enter();
         if events.len() > MAX_EVENTS_PER_BATCH {
             return Err(Error::invalid(
                 "events",
@@ -381,12 +385,13 @@ impl Contacts {
             .values()
             .map(|r| ContactDelta::of(r, locked.before.get(&r.line_user_id).cloned().flatten()))
             .collect();
-        let changes = store::maintain_segments(&mut tx, tenant, &mut deltas).await?;
+        let evaluated = store::evaluate_segments(&mut tx, tenant, &mut deltas).await?;
         for (row, delta) in locked.rows.values_mut().zip(deltas) {
             row.segs = delta.segs;
         }
         let changed: Vec<&ContactRow> = locked.rows.values().collect();
         store::save_contacts(&mut tx, tenant, &changed).await?;
+        let changes = evaluated.count(&mut tx, tenant).await?;
         let all: Vec<MembershipChange> = changes.iter().map(|(_, c)| c.clone()).collect();
         store::write_outbox(&mut tx, tenant, &all, &current_trace_context()).await?;
         tx.commit().await?;
@@ -573,14 +578,16 @@ impl ContactService for Contacts {
         let before = locked.before.remove(&user).flatten();
         let created = before.is_none();
         let mut delta = [ContactDelta::of(row, before)];
-        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, &tenant, &mut delta)
+        let evaluated = store::evaluate_segments(&mut tx, &tenant, &mut delta).await?;
+        let [delta] = delta;
+        row.segs = delta.segs;
+        store::save_contacts(&mut tx, &tenant, &[&*row]).await?;
+        let changes: Vec<MembershipChange> = evaluated
+            .count(&mut tx, &tenant)
             .await?
             .into_iter()
             .map(|(_, c)| c)
             .collect();
-        let [delta] = delta;
-        row.segs = delta.segs;
-        store::save_contacts(&mut tx, &tenant, &[&*row]).await?;
         store::write_outbox(&mut tx, &tenant, &changes, &current_trace_context()).await?;
         let response = UpsertContactResponse {
             contact: Some(row.to_proto()),
@@ -624,17 +631,19 @@ impl ContactService for Contacts {
             after: None,
             ..ContactDelta::of(&row, locked.before.remove(&user).flatten())
         }];
-        let changes: Vec<MembershipChange> = store::maintain_segments(&mut tx, &tenant, &mut delta)
-            .await?
-            .into_iter()
-            .map(|(_, c)| c)
-            .collect();
+        let evaluated = store::evaluate_segments(&mut tx, &tenant, &mut delta).await?;
         sqlx::query("DELETE FROM contacts WHERE tenant_id = $1 AND line_user_id = $2")
             .bind(&tenant)
             .bind(&user)
             .execute(&mut *tx)
             .await
             .map_err(Error::from)?;
+        let changes: Vec<MembershipChange> = evaluated
+            .count(&mut tx, &tenant)
+            .await?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
         store::write_outbox(&mut tx, &tenant, &changes, &current_trace_context()).await?;
         tx.commit().await.map_err(Error::from)?;
         self.relay.wake();

@@ -38,7 +38,7 @@ use tokio::sync::Semaphore;
 use tonic::Streaming;
 
 use crate::attrs::{self, AttrValue, Attributes, MAX_ATTRIBUTES, MAX_TAGS};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, is_unique_violation};
 use crate::rules::{ContactState, Rule};
 use crate::store::{decode_rule, segs_literal, set_membership, text_array_literal};
 use crate::tenants::require_tenant;
@@ -82,6 +82,79 @@ pub struct Importer {
     pool: PgPool,
     slots: Arc<Semaphore>,
     config: ImportConfig,
+    realtime: Arc<RealtimeLoad>,
+}
+
+/// How busy the process is with realtime contact writes, so imports give
+/// way: while realtime calls arrive, an import commits one chunk at a time
+/// (not `HIBIKI_IMPORT_DB_CONNECTIONS`) and starts each chunk only when no
+/// realtime call is in flight (waiting at most [`RealtimeLoad::MAX_WAIT`]).
+/// On a small machine the import and the realtime path share the same
+/// cores; this keeps the realtime path's latency while an import runs.
+#[derive(Debug)]
+pub struct RealtimeLoad {
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+    last_call: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Marks a realtime call in flight until dropped.
+pub struct RealtimeCall<'a>(&'a RealtimeLoad);
+
+impl Drop for RealtimeCall<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl RealtimeLoad {
+    /// The longest an import chunk waits for realtime calls to finish.
+    pub const MAX_WAIT: Duration = Duration::from_millis(50);
+    /// How long after the last realtime call the import counts the
+    /// process as busy.
+    pub const BUSY_FOR: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            in_flight: Default::default(),
+            idle: tokio::sync::Notify::new(),
+            last_call: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Marks a realtime call; it counts as in flight until the guard drops.
+    pub fn enter(&self) -> RealtimeCall<'_> {
+        use std::sync::atomic::Ordering;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        *self.last_call.lock().expect("not poisoned") = Some(Instant::now());
+        RealtimeCall(self)
+    }
+
+    /// Whether a realtime call came in the last [`Self::BUSY_FOR`].
+    pub fn busy(&self) -> bool {
+        self.last_call
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|t| t.elapsed() < Self::BUSY_FOR)
+    }
+
+    /// Waits until no realtime call is in flight, or `MAX_WAIT` passed.
+    async fn give_way(&self) {
+        use std::sync::atomic::Ordering;
+        let _ = tokio::time::timeout(Self::MAX_WAIT, async {
+            loop {
+                let idle = self.idle.notified();
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// A record that passed validation.
@@ -186,7 +259,13 @@ impl Importer {
             pool,
             slots: Arc::new(Semaphore::new(import.concurrency)),
             config: import,
+            realtime: Arc::new(RealtimeLoad::new()),
         })
+    }
+
+    /// The realtime load imports give way to.
+    pub fn realtime(&self) -> &RealtimeLoad {
+        &self.realtime
     }
 
     /// Runs one import stream to its end.
@@ -264,33 +343,59 @@ impl Importer {
             let (tenant_id, import_id) = (tenant_id.clone(), import_id.clone());
             let parallel = self.config.db_connections.max(1) as usize;
             tokio::spawn(async move {
-                let mut running: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
+                let mut running: tokio::task::JoinSet<Result<Duration>> =
+                    tokio::task::JoinSet::new();
                 let mut users_running: Vec<(tokio::task::Id, HashSet<u64>)> = Vec::new();
                 let mut rows_done: u64 = 0;
+                let mut last_took: Option<Duration> = None;
+                // Whether the last chunk created all its contacts.
+                let all_new = Arc::new(std::sync::atomic::AtomicBool::new(true));
                 let finished =
                     |id: tokio::task::Id, users: &mut Vec<(tokio::task::Id, HashSet<u64>)>| {
                         users.retain(|(t, _)| *t != id);
                     };
                 while let Some(chunk) = chunks_rx.recv().await {
                     let users: HashSet<u64> = chunk.rows.keys().map(|u| user_hash(u)).collect();
-                    while running.len() >= parallel
-                        || users_running
+                    loop {
+                        let parallel = if importer.realtime.busy() {
+                            1
+                        } else {
+                            parallel
+                        };
+                        let overlaps = users_running
                             .iter()
-                            .any(|(_, other)| !other.is_disjoint(&users))
-                    {
+                            .any(|(_, other)| !other.is_disjoint(&users));
+                        if running.len() < parallel && !overlaps {
+                            break;
+                        }
                         let (id, result) = running
                             .join_next_with_id()
                             .await
                             .expect("a chunk is running")
                             .map_err(|e| Error::Unavailable(format!("import chunk: {e}")))?;
                         finished(id, &mut users_running);
-                        result?;
+                        last_took = Some(result?);
+                    }
+                    if importer.realtime.busy() {
+                        // Realtime calls are arriving: run at most half the
+                        // time, and start only when none is in flight.
+                        if let Some(took) = last_took.take() {
+                            tokio::time::sleep(took).await;
+                        }
+                        importer.realtime.give_way().await;
                     }
                     rows_done += chunk.received;
                     let importer2 = importer.clone();
+                    let all_new = all_new.clone();
                     let (t, i) = (tenant_id.clone(), import_id.clone());
                     let handle = running.spawn(async move {
-                        importer2.commit_chunk(&t, &i, replace_tags, chunk).await
+                        let started = Instant::now();
+                        let new = all_new.load(std::sync::atomic::Ordering::Relaxed);
+                        let new = importer2
+                            .commit_chunk(&t, &i, replace_tags, chunk, new)
+                            .await?;
+                        all_new.store(new, std::sync::atomic::Ordering::Relaxed);
+                        Ok(started.elapsed())
                     });
                     users_running.push((handle.id(), users));
                     importer.pace(started, rows_done).await;
@@ -392,22 +497,31 @@ impl Importer {
 
     /// Commits one chunk, again from the start when a contact it meant to
     /// create was created meanwhile by someone else.
+    ///
+    /// `all_new` says the import's last chunk created all its contacts: this
+    /// one is then first tried without looking for existing contacts (a
+    /// first sync of a tenant is all new contacts, and the lookup is a third
+    /// of a chunk's cost); if one exists after all, the chunk is done again
+    /// the normal way. Returns whether every contact of the chunk was new.
     async fn commit_chunk(
         &self,
         tenant: &str,
         import_id: &str,
         replace_tags: bool,
         chunk: Chunk,
-    ) -> Result<()> {
+        all_new: bool,
+    ) -> Result<bool> {
+        let mut lookup = !all_new;
         let mut attempt = 0;
         loop {
             attempt += 1;
             match self
-                .try_commit_chunk(tenant, import_id, replace_tags, &chunk)
+                .try_commit_chunk(tenant, import_id, replace_tags, &chunk, lookup)
                 .await
             {
                 Err(Error::Aborted(why)) if attempt < 5 => {
                     tracing::debug!(import_id, chunk = chunk.index, why, "import chunk retried");
+                    lookup = true;
                 }
                 other => return other,
             }
@@ -416,8 +530,8 @@ impl Importer {
 
     /// One transaction: lock the chunk's existing contacts, merge and
     /// evaluate every segment in Rust (the evaluator the realtime path uses),
-    /// write the contacts with their memberships in two set-wise statements,
-    /// record the count changes as deltas and the chunk as done.
+    /// create the new contacts with COPY and update the changed ones in one
+    /// statement, record the count changes as deltas and the chunk as done.
     ///
     /// The segments are held `FOR KEY SHARE`: a rule change waits for the
     /// chunk, realtime writers (`FOR NO KEY UPDATE`) do not. No segment row
@@ -429,7 +543,8 @@ impl Importer {
         import_id: &str,
         replace_tags: bool,
         chunk: &Chunk,
-    ) -> Result<()> {
+        lookup: bool,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let segments: Vec<(String, i32, Vec<u8>)> = sqlx::query_as(
             "SELECT segment_id, no, rule FROM segments WHERE tenant_id = $1 \
@@ -442,24 +557,26 @@ impl Importer {
             .into_iter()
             .map(|(id, no, rule)| Ok((decode_rule(&id, &rule)?, id, no)))
             .collect::<Result<Vec<(Rule, String, i32)>>>()?;
-        let ids: Vec<&str> = chunk.rows.keys().map(String::as_str).collect();
-        let existing: Vec<Existing> = sqlx::query_as(
-            "SELECT line_user_id, follow_state, display_name, tags, attributes, segs FROM contacts \
-             WHERE tenant_id = $1 AND line_user_id = ANY($2) ORDER BY line_user_id FOR UPDATE",
-        )
-        .bind(tenant)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut existing: HashMap<String, Existing> = existing
-            .into_iter()
-            .map(|e| (e.line_user_id.clone(), e))
-            .collect();
+        let mut existing: HashMap<String, Existing> = HashMap::new();
+        if lookup {
+            let ids: Vec<&str> = chunk.rows.keys().map(String::as_str).collect();
+            let rows: Vec<Existing> = sqlx::query_as(
+                "SELECT line_user_id, follow_state, display_name, tags, attributes, segs \
+                 FROM contacts WHERE tenant_id = $1 AND line_user_id = ANY($2) \
+                 ORDER BY line_user_id FOR UPDATE",
+            )
+            .bind(tenant)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            existing.extend(rows.into_iter().map(|e| (e.line_user_id.clone(), e)));
+        }
 
         let mut errors = chunk.errors.clone();
-        let mut created = Written::default();
+        let mut created = Copied::default();
         let mut updated = Written::default();
         let mut deltas: Vec<i64> = vec![0; segments.len()];
+        let mut unchanged: u64 = 0;
         for (user, (row_no, row)) in &chunk.rows {
             let old = existing.remove(user);
             let merged = match merge(old.as_ref(), row, replace_tags) {
@@ -476,39 +593,36 @@ impl Importer {
                     deltas[i] += if should { 1 } else { -1 };
                 }
             }
-            let out = if old.is_some() {
-                &mut updated
-            } else {
-                &mut created
-            };
-            out.push(user, merged, &segs);
+            match &old {
+                // A record that changes nothing is not rewritten.
+                Some(o) if merged.unchanged && segs == o.segs => unchanged += 1,
+                Some(_) => updated.push(user, merged, &segs),
+                None => created.push(tenant, user, &merged, &segs),
+            }
         }
 
-        let mut upserted = 0;
-        if !created.ids.is_empty() {
-            let inserted = sqlx::query(
-                "INSERT INTO contacts (tenant_id, line_user_id, display_name, tags, attributes, segs) \
-                 SELECT $1, u, n, t::text[], a, s::int[] \
-                 FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[]) AS x(u, n, t, a, s) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(tenant)
-            .bind(&created.ids)
-            .bind(&created.names)
-            .bind(&created.tags)
-            .bind(&created.attributes)
-            .bind(&created.segs)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted != created.ids.len() as u64 {
-                // A realtime event created one of these contacts after the
-                // lock above: merge with it instead, from the start.
-                return Err(Error::Aborted(
-                    "a contact of the chunk was created concurrently".into(),
-                ));
+        let mut upserted = unchanged;
+        let all_new = existing.is_empty() && errors.len() == chunk.errors.len();
+        if !created.rows.is_empty() {
+            // COPY fails on a contact that exists: one created since the
+            // lookup (by a realtime event), or any when the lookup was
+            // skipped. The chunk is then done again, with the lookup.
+            let mut copy = tx
+                .copy_in_raw(
+                    "COPY contacts (tenant_id, line_user_id, display_name, tags, attributes, segs) \
+                     FROM STDIN",
+                )
+                .await?;
+            copy.send(created.rows.into_bytes()).await?;
+            match copy.finish().await {
+                Ok(n) => upserted += n,
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(Error::Aborted(
+                        "a contact of the chunk exists already".into(),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
             }
-            upserted += inserted;
         }
         if !updated.ids.is_empty() {
             upserted += sqlx::query(
@@ -566,8 +680,11 @@ impl Importer {
         sqlx::query(
             "UPDATE imports SET received = received + $3, upserted = upserted + $4, \
                rejected = rejected + $5, \
-               errors = CASE WHEN jsonb_array_length(errors) >= $7 THEN errors \
-                        ELSE (SELECT COALESCE(jsonb_agg(x), '[]') FROM (SELECT x FROM jsonb_array_elements(errors || $6) AS x LIMIT $7) l) END \
+               errors = CASE WHEN jsonb_array_length($6) = 0 THEN errors \
+                        ELSE (SELECT COALESCE(jsonb_agg(x ORDER BY (x->>'row')::bigint), '[]') \
+                              FROM (SELECT DISTINCT ON ((x->>'row')::bigint) x \
+                                    FROM jsonb_array_elements(errors || $6) AS x \
+                                    ORDER BY (x->>'row')::bigint LIMIT $7) l) END \
              WHERE tenant_id = $1 AND import_id = $2",
         )
         .bind(tenant)
@@ -600,7 +717,7 @@ impl Importer {
             rows = chunk.received,
             "import chunk committed"
         );
-        Ok(())
+        Ok(all_new)
     }
 }
 
@@ -621,6 +738,8 @@ struct Merged {
     tags: Vec<String>,
     attributes: Attributes,
     state: ContactState,
+    /// Whether the stored name, tags and attributes are already so.
+    unchanged: bool,
 }
 
 /// Merges an import row into the contact as stored (if any): a non-empty
@@ -642,9 +761,11 @@ fn merge(
                 tags: row.tags.iter().cloned().collect(),
                 attributes: row.attributes.clone(),
             },
+            unchanged: false,
         });
     };
-    let mut attributes = attrs::attributes_from_json(&old.attributes);
+    let stored = attrs::attributes_from_json(&old.attributes);
+    let mut attributes = stored.clone();
     for (k, v) in &row.attributes {
         if let Some(have) = attributes.get(k)
             && have.kind() != v.kind()
@@ -682,9 +803,11 @@ fn merge(
     } else {
         row.display_name.clone()
     };
+    let tags_vec: Vec<String> = tags.iter().cloned().collect();
     Ok(Merged {
+        unchanged: display_name == old.display_name && tags_vec == old.tags && attributes == stored,
         display_name,
-        tags: tags.iter().cloned().collect(),
+        tags: tags_vec,
         state: ContactState {
             follow_state: i32::from(old.follow_state),
             tags,
@@ -692,6 +815,43 @@ fn merge(
         },
         attributes,
     })
+}
+
+/// New contacts in COPY text format.
+#[derive(Default)]
+struct Copied {
+    rows: String,
+}
+
+impl Copied {
+    fn push(&mut self, tenant: &str, user: &str, m: &Merged, segs: &[i32]) {
+        let line = &mut self.rows;
+        copy_field(line, tenant);
+        line.push('\t');
+        copy_field(line, user);
+        line.push('\t');
+        copy_field(line, &m.display_name);
+        line.push('\t');
+        copy_field(line, &text_array_literal(&m.tags));
+        line.push('\t');
+        copy_field(line, &attrs::attributes_to_json(&m.attributes).to_string());
+        line.push('\t');
+        line.push_str(&segs_literal(segs));
+        line.push('\n');
+    }
+}
+
+/// Appends `value` to a COPY text-format line, escaped.
+fn copy_field(line: &mut String, value: &str) {
+    for ch in value.chars() {
+        match ch {
+            '\\' => line.push_str("\\\\"),
+            '\t' => line.push_str("\\t"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            c => line.push(c),
+        }
+    }
 }
 
 /// The columns of one set-wise write, as parallel arrays.
@@ -766,6 +926,13 @@ pub async fn status(pool: &PgPool, tenant: &str, import_id: &str) -> Result<Impo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_fields_are_escaped() {
+        let mut line = String::new();
+        copy_field(&mut line, "a\tb\nc\\d\re");
+        assert_eq!(line, "a\\tb\\nc\\\\d\\re");
+    }
 
     #[test]
     fn a_bad_record_names_its_row_and_field() {

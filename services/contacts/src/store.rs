@@ -5,12 +5,14 @@
 //! 2. change them in Rust and write them back in one statement;
 //! 3. re-evaluate only the segments whose rules read what changed (all of
 //!    the tenant's segments for a created or erased contact): lock those
-//!    segment rows in `segment_id` order (`FOR NO KEY UPDATE`: it excludes
-//!    a rule change, not the bulk import), flip the contact's memberships
-//!    (the segment numbers in its `segs`, guarded by the contact's row lock)
-//!    and move each segment's count by the net change;
+//!    segments `FOR KEY SHARE` (it holds off a rule change, nobody else)
+//!    and flip the contact's memberships (the segment numbers in its `segs`,
+//!    guarded by the contact's row lock);
 //! 4. write the contacts back, memberships included;
-//! 5. write the membership changes to the outbox.
+//! 5. move each changed segment's count by the net change: this takes the
+//!    segment's row lock, which every writer of the segment waits on, so it
+//!    comes last, just before the outbox and the commit;
+//! 6. write the membership changes to the outbox.
 //!
 //! All in the caller's transaction: the contact, its memberships, the counts
 //! and the outbox commit together or not at all.
@@ -187,11 +189,10 @@ pub async fn save_contacts(
     let follow_event: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.follow_event_at).collect();
     let names: Vec<&str> = rows.iter().map(|r| r.display_name.as_str()).collect();
     let seen: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.last_seen_at).collect();
-    // Tag lists differ in length, and PostgreSQL arrays must be rectangular:
-    // each travels as a JSON array and is turned back into text[].
-    let tags: Vec<serde_json::Value> = rows.iter().map(|r| serde_json::json!(r.tags)).collect();
+    // Tag and segment lists differ in length, and PostgreSQL arrays must be
+    // rectangular: each travels as an array literal and is cast back.
+    let tags: Vec<String> = rows.iter().map(|r| text_array_literal(&r.tags)).collect();
     let attributes: Vec<&serde_json::Value> = rows.iter().map(|r| &r.attributes).collect();
-    // Segment lists travel as PostgreSQL array literals, for the same reason.
     let segs: Vec<String> = rows.iter().map(|r| segs_literal(&r.segs)).collect();
     sqlx::query(
         "UPDATE contacts c SET \
@@ -199,11 +200,11 @@ pub async fn save_contacts(
            followed_at = u.followed_at, blocked_at = u.blocked_at, \
            refollow_count = u.refollow_count, follow_event_at = u.follow_event_at, \
            display_name = u.display_name, last_seen_at = u.last_seen_at, \
-           tags = ARRAY(SELECT jsonb_array_elements_text(u.tags)), \
+           tags = u.tags::text[], \
            attributes = u.attributes, segs = u.segs::int[], updated_at = now() \
          FROM unnest($2::text[], $3::smallint[], $4::timestamptz[], $5::timestamptz[], \
                      $6::timestamptz[], $7::int[], $8::timestamptz[], $9::text[], \
-                     $10::timestamptz[], $11::jsonb[], $12::jsonb[], $13::text[]) \
+                     $10::timestamptz[], $11::text[], $12::jsonb[], $13::text[]) \
            AS u(line_user_id, follow_state, first_followed_at, followed_at, blocked_at, \
                 refollow_count, follow_event_at, display_name, last_seen_at, tags, attributes, \
                 segs) \
@@ -355,17 +356,28 @@ pub fn decode_rule(segment_id: &str, bytes: &[u8]) -> Result<Rule> {
 pub const COUNT_SQL: &str = "(s.member_count + COALESCE((SELECT sum(d.delta) FROM segment_count_deltas d \
      WHERE d.tenant_id = s.tenant_id AND d.segment_id = s.segment_id), 0))::bigint";
 
-/// Re-evaluates the segments `deltas` can affect, flips the memberships in
-/// each delta's `segs` (the caller stores them with the contact), moves the
-/// counts, and returns the changes per contact (in the order of `deltas`,
-/// then by segment id), each with the segment's count right after it.
-pub async fn maintain_segments(
+/// Membership changes decided but not yet counted: see [`evaluate_segments`].
+#[derive(Debug, Default)]
+#[must_use = "the counts move only in Evaluated::count"]
+pub struct Evaluated {
+    /// (segment, user, entered), in the order of the deltas, then by segment.
+    changes: Vec<(String, String, bool)>,
+}
+
+/// Re-evaluates the segments `deltas` can affect and flips the memberships
+/// in each delta's `segs`; the caller stores them with the contacts, then
+/// moves the counts with [`Evaluated::count`].
+///
+/// The segments are read `FOR KEY SHARE` (a rule change waits for this
+/// transaction); only [`Evaluated::count`] takes their row locks, as late
+/// as possible, because every writer of the segment waits on them.
+pub async fn evaluate_segments(
     tx: &mut PgConnection,
     tenant: &str,
     deltas: &mut [ContactDelta],
-) -> Result<Vec<(String, MembershipChange)>> {
+) -> Result<Evaluated> {
     if !deltas.iter().any(ContactDelta::is_change) {
-        return Ok(Vec::new());
+        return Ok(Evaluated::default());
     }
     // Which segments can be affected: for created or erased contacts, all;
     // otherwise those reading a changed tag, attribute or the follow state.
@@ -395,7 +407,7 @@ pub async fn maintain_segments(
     let rows: Vec<SegmentRefsRow> = sqlx::query_as(
         "SELECT segment_id, no, rule, ref_tags, ref_attributes, ref_follow FROM segments \
          WHERE tenant_id = $1 AND ($2 OR ref_tags && $3 OR ref_attributes && $4 OR (ref_follow AND $5)) \
-         ORDER BY segment_id FOR NO KEY UPDATE",
+         ORDER BY segment_id FOR KEY SHARE",
     )
     .bind(tenant)
     .bind(all)
@@ -405,7 +417,7 @@ pub async fn maintain_segments(
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Evaluated::default());
     }
     let segments = rows
         .into_iter()
@@ -437,48 +449,63 @@ pub async fn maintain_segments(
             }
         }
     }
-    if changes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut net: BTreeMap<&str, i64> = BTreeMap::new();
-    for (s, _, entered) in &changes {
-        *net.entry(s.as_str()).or_default() += if *entered { 1 } else { -1 };
-    }
-    let sql = format!(
-        "UPDATE segments s SET member_count = s.member_count + x.d, updated_at = now() \
+    Ok(Evaluated { changes })
+}
+
+impl Evaluated {
+    /// Moves each changed segment's count by its net change and returns the
+    /// changes per contact, each with the segment's count right after it.
+    pub async fn count(
+        self,
+        tx: &mut PgConnection,
+        tenant: &str,
+    ) -> Result<Vec<(String, MembershipChange)>> {
+        let changes = self.changes;
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut net: BTreeMap<&str, i64> = BTreeMap::new();
+        for (s, _, entered) in &changes {
+            *net.entry(s.as_str()).or_default() += if *entered { 1 } else { -1 };
+        }
+        let sql = format!(
+            "UPDATE segments s SET member_count = s.member_count + x.d, updated_at = now() \
          FROM unnest($2::text[], $3::bigint[]) AS x(id, d) \
          WHERE s.tenant_id = $1 AND s.segment_id = x.id \
          RETURNING s.segment_id, {COUNT_SQL}"
-    );
-    let finals: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql))
-        .bind(tenant)
-        .bind(net.keys().copied().collect::<Vec<_>>())
-        .bind(net.values().copied().collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        );
+        let finals: HashMap<String, i64> =
+            sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .bind(net.keys().copied().collect::<Vec<_>>())
+                .bind(net.values().copied().collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
 
-    // Each change's count_after: walk back from the final count.
-    let mut running: HashMap<&str, i64> = finals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    let mut out: Vec<(String, MembershipChange)> = Vec::with_capacity(changes.len());
-    for (s, u, entered) in changes.iter().rev() {
-        let count = running
-            .get_mut(s.as_str())
-            .expect("every changed segment was updated");
-        out.push((
-            u.clone(),
-            MembershipChange {
-                segment_id: s.clone(),
-                line_user_id: u.clone(),
-                entered: *entered,
-                count_after: *count,
-            },
-        ));
-        *count -= if *entered { 1 } else { -1 };
+        // Each change's count_after: walk back from the final count.
+        let mut running: HashMap<&str, i64> =
+            finals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let mut out: Vec<(String, MembershipChange)> = Vec::with_capacity(changes.len());
+        for (s, u, entered) in changes.iter().rev() {
+            let count = running
+                .get_mut(s.as_str())
+                .expect("every changed segment was updated");
+            out.push((
+                u.clone(),
+                MembershipChange {
+                    segment_id: s.clone(),
+                    line_user_id: u.clone(),
+                    entered: *entered,
+                    count_after: *count,
+                },
+            ));
+            *count -= if *entered { 1 } else { -1 };
+        }
+        out.reverse();
+        Ok(out)
     }
-    out.reverse();
-    Ok(out)
 }
 
 /// Queues membership change records for publication, in the caller's
