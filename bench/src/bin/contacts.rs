@@ -90,7 +90,7 @@ fn write_csv(path: &Path, rows: u64, shift: u64) -> std::io::Result<u64> {
             n % TAGS as u64,
             (n + shift) % 80,
             CITIES[((n + shift) % 5) as usize],
-            (n + shift) % 7 == 0
+            (n + shift).is_multiple_of(7)
         )?;
     }
     out.flush()?;
