@@ -1,25 +1,40 @@
 //! `ImportContacts`: the bulk sync of a company's own contact records.
 //!
-//! Records are cut into chunks of a fixed number of rows, counted from the
-//! start of the stream (bad rows included), so the same input always makes
-//! the same chunks. Each chunk commits in one transaction on the import's own
-//! small connection pool: COPY into a temporary staging table, reject rows
-//! that would change an attribute's type, merge set-wise with `INSERT … ON
-//! CONFLICT DO UPDATE`, then for every segment of the tenant add and remove
-//! the chunk's members set-wise and move the count, and record the chunk as
-//! done. A re-run with the same import id skips committed chunks, so an
-//! interrupted import resumes where it stopped. Bad rows are reported with
-//! their row number, field and reason, and the rest goes on.
+//! Records are numbered by their position in the stream (bad records
+//! included) and cut into chunks of consecutive positions. Each chunk
+//! commits in one transaction on the import's own small connection pool:
+//! lock the chunk's existing contacts, merge each record into its contact in
+//! Rust (a record that would change an attribute's type is rejected),
+//! evaluate every segment of the tenant with the same evaluator the realtime
+//! path uses, COPY the new contacts straight into `contacts`, update the
+//! changed ones in one statement (a record that changes nothing is not
+//! rewritten), add the net change of each segment's count as a delta row,
+//! and record the chunk's positions as committed. A re-run with the same
+//! import id skips the committed positions, so an interrupted import resumes
+//! where it stopped. Bad records are reported with their row number, field
+//! and reason, and the rest goes on.
 //!
-//! Realtime work keeps its latency while an import runs: the import uses its
-//! own pool (`HIBIKI_IMPORT_DB_CONNECTIONS`), at most
-//! `HIBIKI_IMPORT_CONCURRENCY` imports run at once, chunks are small enough
-//! that segment locks are held briefly, and `HIBIKI_IMPORT_MAX_ROWS_PER_SECOND`
-//! can pace it further.
+//! While the chunks of an import are all new contacts (a first sync), a
+//! chunk skips the lookup of existing contacts; COPY fails if one exists
+//! after all, and the chunk is done again with the lookup.
 //!
-//! Segment counts change per chunk as whole-count snapshots on the outbox
-//! (not one record per imported member), which is what analytics needs and
-//! keeps a million-row import from writing millions of outbox rows.
+//! Up to `HIBIKI_IMPORT_DB_CONNECTIONS` chunks commit at once; two chunks
+//! that share a contact never run together (the later record wins).
+//!
+//! Realtime work keeps its latency while an import runs:
+//! - the import uses its own pool, and at most `HIBIKI_IMPORT_CONCURRENCY`
+//!   imports run at once;
+//! - it holds segments only `FOR KEY SHARE` and writes no segment row, so a
+//!   realtime writer waits on it only for a contact they both touch;
+//! - while realtime calls arrive ([`RealtimeLoad`]), it commits one chunk at
+//!   a time, of `HIBIKI_IMPORT_BUSY_CHUNK_ROWS`, starts each when no
+//!   realtime call is in flight, and rests between chunks so that it works
+//!   at most `HIBIKI_IMPORT_BUSY_SHARE` of the time;
+//! - `HIBIKI_IMPORT_MAX_ROWS_PER_SECOND` can pace it further.
+//!
+//! Segment counts reach analytics as whole-count snapshots when the deltas
+//! are folded (not one record per imported member), which keeps a
+//! million-row import from writing millions of outbox rows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -52,6 +67,9 @@ pub const MAX_ERRORS: usize = 1000;
 pub struct ImportConfig {
     /// `HIBIKI_IMPORT_CHUNK_ROWS`: rows per committed chunk. Default 5,000.
     pub chunk_rows: usize,
+    /// `HIBIKI_IMPORT_BUSY_CHUNK_ROWS`: rows per chunk while realtime calls
+    /// arrive. Default 1,000.
+    pub busy_chunk_rows: usize,
     /// `HIBIKI_IMPORT_DB_CONNECTIONS`: connections of the import pool.
     /// Default 2.
     pub db_connections: u32,
@@ -61,6 +79,10 @@ pub struct ImportConfig {
     /// `HIBIKI_IMPORT_MAX_ROWS_PER_SECOND`: pace per import; 0 for none.
     /// Default 0.
     pub max_rows_per_second: u64,
+    /// `HIBIKI_IMPORT_BUSY_SHARE`: while realtime calls arrive, the share of
+    /// the time an import may spend committing chunks (it rests between
+    /// chunks for the rest), in (0, 1]. Default 0.25.
+    pub busy_share: f64,
 }
 
 impl ImportConfig {
@@ -69,9 +91,20 @@ impl ImportConfig {
         let r = hibiki_runtime::config::Reader::new(env);
         Ok(Self {
             chunk_rows: r.positive("HIBIKI_IMPORT_CHUNK_ROWS", 5000)?,
+            busy_chunk_rows: r.positive("HIBIKI_IMPORT_BUSY_CHUNK_ROWS", 1000)?,
             db_connections: r.positive("HIBIKI_IMPORT_DB_CONNECTIONS", 2)? as u32,
             concurrency: r.positive("HIBIKI_IMPORT_CONCURRENCY", 2)?,
             max_rows_per_second: r.parse("HIBIKI_IMPORT_MAX_ROWS_PER_SECOND", 0)?,
+            busy_share: {
+                let share: f64 = r.parse("HIBIKI_IMPORT_BUSY_SHARE", 0.25)?;
+                if !(share > 0.0 && share <= 1.0) {
+                    return Err(hibiki_runtime::ConfigError::new(
+                        "HIBIKI_IMPORT_BUSY_SHARE",
+                        format!("{share} is not in (0, 1]"),
+                    ));
+                }
+                share
+            },
         })
     }
 }
@@ -87,8 +120,10 @@ pub struct Importer {
 
 /// How busy the process is with realtime contact writes, so imports give
 /// way: while realtime calls arrive, an import commits one chunk at a time
-/// (not `HIBIKI_IMPORT_DB_CONNECTIONS`) and starts each chunk only when no
-/// realtime call is in flight (waiting at most [`RealtimeLoad::MAX_WAIT`]).
+/// (not `HIBIKI_IMPORT_DB_CONNECTIONS`), rests between chunks so that it
+/// commits at most `HIBIKI_IMPORT_BUSY_SHARE` of the time, and starts each
+/// chunk only when no realtime call is in flight (waiting at most
+/// [`RealtimeLoad::MAX_WAIT`]).
 /// On a small machine the import and the realtime path share the same
 /// cores; this keeps the realtime path's latency while an import runs.
 #[derive(Debug)]
@@ -237,10 +272,38 @@ fn user_hash(user: &str) -> u64 {
     STATE.hash_one(user)
 }
 
-/// One chunk's records, in stream order, with its row errors.
+/// The stream positions an import has committed, walked in order.
+struct Committed {
+    ranges: Vec<(i64, i64)>,
+    next: usize,
+}
+
+impl Committed {
+    fn new(ranges: Vec<(i64, i64)>) -> Self {
+        Self { ranges, next: 0 }
+    }
+
+    /// Whether `position` is committed; positions must be asked in order.
+    fn contains(&mut self, position: u64) -> bool {
+        let p = position as i64;
+        while let Some(&(first, rows)) = self.ranges.get(self.next) {
+            if p < first {
+                return false;
+            }
+            if p < first + rows {
+                return true;
+            }
+            self.next += 1;
+        }
+        false
+    }
+}
+
+/// One chunk: consecutive stream positions from `first`, its records by
+/// user, and its row errors.
 #[derive(Default)]
 struct Chunk {
-    index: u64,
+    first: u64,
     received: u64,
     rows: BTreeMap<String, (u64, Row)>,
     errors: Vec<RowError>,
@@ -313,25 +376,18 @@ impl Importer {
         .bind(&import_id)
         .execute(&self.pool)
         .await?;
-        // Committed chunks and how many rows each had.
-        let done: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT chunk, received FROM import_chunks WHERE tenant_id = $1 AND import_id = $2",
+        // The stream positions already committed, as sorted ranges.
+        let committed: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT first_row, rows FROM import_ranges WHERE tenant_id = $1 AND import_id = $2 \
+             ORDER BY first_row",
         )
         .bind(&tenant_id)
         .bind(&import_id)
         .fetch_all(&self.pool)
         .await?;
-        let done: std::collections::HashMap<u64, u64> = done
-            .into_iter()
-            .map(|(c, r)| (c as u64, r as u64))
-            .collect();
-        let is_done = |chunk: &Chunk| done.get(&chunk.index) == Some(&chunk.received);
-        tracing::info!(
-            tenant_id,
-            import_id,
-            resumed_chunks = done.len(),
-            "import started"
-        );
+        let resumed_rows: i64 = committed.iter().map(|r| r.1).sum();
+        let mut committed = Committed::new(committed);
+        tracing::info!(tenant_id, import_id, resumed_rows, "import started");
 
         // Chunks commit on up to `db_connections` connections at once while
         // the next ones are read and checked. Two chunks that share a contact
@@ -377,10 +433,12 @@ impl Importer {
                         last_took = Some(result?);
                     }
                     if importer.realtime.busy() {
-                        // Realtime calls are arriving: run at most half the
-                        // time, and start only when none is in flight.
+                        // Realtime calls are arriving: run at most
+                        // `busy_share` of the time, and start only when none
+                        // is in flight.
                         if let Some(took) = last_took.take() {
-                            tokio::time::sleep(took).await;
+                            let share = importer.config.busy_share;
+                            tokio::time::sleep(took.mul_f64((1.0 - share) / share)).await;
                         }
                         importer.realtime.give_way().await;
                     }
@@ -408,7 +466,7 @@ impl Importer {
         };
         let read = async {
             let mut chunk = Chunk::default();
-            let chunk_rows = self.config.chunk_rows as u64;
+            let mut position: u64 = 0;
             while let Some(message) = stream
                 .message()
                 .await
@@ -425,6 +483,21 @@ impl Importer {
                     None => continue,
                 };
                 for record in &batch.records {
+                    position += 1;
+                    if committed.contains(position) {
+                        // Committed by an earlier run: skipped, and a chunk
+                        // never spans it.
+                        if chunk.received > 0 {
+                            let full = std::mem::take(&mut chunk);
+                            if chunks_tx.send(full).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        continue;
+                    }
+                    if chunk.received == 0 {
+                        chunk.first = position;
+                    }
                     chunk.received += 1;
                     match check_record(record) {
                         // A later record for the same user in a chunk wins.
@@ -435,20 +508,23 @@ impl Importer {
                         }
                         Err(e) => chunk.errors.push(e),
                     }
-                    if chunk.received == chunk_rows {
-                        let next = Chunk {
-                            index: chunk.index + 1,
-                            ..Chunk::default()
-                        };
-                        let full = std::mem::replace(&mut chunk, next);
-                        if !is_done(&full) && chunks_tx.send(full).await.is_err() {
+                    // Smaller chunks while realtime calls arrive: each is a
+                    // shorter burst of work for them to share the machine with.
+                    let size = if self.realtime.busy() {
+                        self.config.busy_chunk_rows
+                    } else {
+                        self.config.chunk_rows
+                    };
+                    if chunk.received >= size as u64 {
+                        let full = std::mem::take(&mut chunk);
+                        if chunks_tx.send(full).await.is_err() {
                             // The committer stopped on an error: it reports it.
                             return Ok(());
                         }
                     }
                 }
             }
-            if chunk.received > 0 && !is_done(&chunk) {
+            if chunk.received > 0 {
                 let _ = chunks_tx.send(chunk).await;
             }
             Ok(())
@@ -520,7 +596,12 @@ impl Importer {
                 .await
             {
                 Err(Error::Aborted(why)) if attempt < 5 => {
-                    tracing::debug!(import_id, chunk = chunk.index, why, "import chunk retried");
+                    tracing::debug!(
+                        import_id,
+                        first_row = chunk.first,
+                        why,
+                        "import chunk retried"
+                    );
                     lookup = true;
                 }
                 other => return other,
@@ -533,9 +614,9 @@ impl Importer {
     /// create the new contacts with COPY and update the changed ones in one
     /// statement, record the count changes as deltas and the chunk as done.
     ///
-    /// The segments are held `FOR KEY SHARE`: a rule change waits for the
-    /// chunk, realtime writers (`FOR NO KEY UPDATE`) do not. No segment row
-    /// is written, so realtime writers never wait on an import chunk unless
+    /// The segments are held `FOR KEY SHARE`, as every writer holds them: a
+    /// rule change waits for the chunk, nobody else does. No segment row is
+    /// written, so realtime writers never wait on an import chunk unless
     /// they touch the same contacts.
     async fn try_commit_chunk(
         &self,
@@ -572,6 +653,9 @@ impl Importer {
             existing.extend(rows.into_iter().map(|e| (e.line_user_id.clone(), e)));
         }
 
+        // No contact of the chunk exists (or the lookup was skipped, and
+        // COPY below will tell).
+        let all_new = existing.is_empty();
         let mut errors = chunk.errors.clone();
         let mut created = Copied::default();
         let mut updated = Written::default();
@@ -602,7 +686,6 @@ impl Importer {
         }
 
         let mut upserted = unchanged;
-        let all_new = existing.is_empty() && errors.len() == chunk.errors.len();
         if !created.rows.is_empty() {
             // COPY fails on a contact that exists: one created since the
             // lookup (by a realtime event), or any when the lookup was
@@ -665,46 +748,48 @@ impl Importer {
             .iter()
             .map(|e| json!({"row": e.row, "field": e.field, "message": e.message}))
             .collect();
-        // A chunk done again (its first commit was short) replaces its
-        // earlier figures instead of adding to them.
-        let previous: Option<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT received, upserted, rejected FROM import_chunks \
-             WHERE tenant_id = $1 AND import_id = $2 AND chunk = $3 FOR UPDATE",
+        // The import's row, locked until commit, serializes the end of its
+        // chunks: a chunk sees every range committed before it, so two runs
+        // of the same import cannot both commit the same rows.
+        let last = chunk.first + chunk.received;
+        let overlap: Option<(i64, i64)> = sqlx::query_as(
+            "WITH me AS (UPDATE imports SET received = received + $5, upserted = upserted + $6, \
+                 rejected = rejected + $7, \
+                 errors = CASE WHEN jsonb_array_length($8) = 0 THEN errors \
+                   ELSE (SELECT COALESCE(jsonb_agg(x ORDER BY (x->>'row')::bigint), '[]') \
+                         FROM (SELECT DISTINCT ON ((x->>'row')::bigint) x \
+                               FROM jsonb_array_elements(errors || $8) AS x \
+                               ORDER BY (x->>'row')::bigint LIMIT $9) l) END \
+               WHERE tenant_id = $1 AND import_id = $2 RETURNING 1) \
+             SELECT first_row, rows FROM import_ranges \
+             WHERE tenant_id = $1 AND import_id = $2 AND first_row < $4 AND first_row + rows > $3 \
+             LIMIT 1",
         )
         .bind(tenant)
         .bind(import_id)
-        .bind(chunk.index as i64)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (old_received, old_upserted, old_rejected) = previous.unwrap_or((0, 0, 0));
-        sqlx::query(
-            "UPDATE imports SET received = received + $3, upserted = upserted + $4, \
-               rejected = rejected + $5, \
-               errors = CASE WHEN jsonb_array_length($6) = 0 THEN errors \
-                        ELSE (SELECT COALESCE(jsonb_agg(x ORDER BY (x->>'row')::bigint), '[]') \
-                              FROM (SELECT DISTINCT ON ((x->>'row')::bigint) x \
-                                    FROM jsonb_array_elements(errors || $6) AS x \
-                                    ORDER BY (x->>'row')::bigint LIMIT $7) l) END \
-             WHERE tenant_id = $1 AND import_id = $2",
-        )
-        .bind(tenant)
-        .bind(import_id)
-        .bind(chunk.received as i64 - old_received)
-        .bind(upserted as i64 - old_upserted)
-        .bind(rejected - old_rejected)
+        .bind(chunk.first as i64)
+        .bind(last as i64)
+        .bind(chunk.received as i64)
+        .bind(upserted as i64)
+        .bind(rejected)
         .bind(serde_json::Value::Array(errors))
         .bind(MAX_ERRORS as i64)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        if let Some((first, rows)) = overlap {
+            return Err(Error::FailedPrecondition(format!(
+                "rows {first} to {} of import {import_id:?} were committed by another run of \
+                 the same import; retry once it has finished",
+                first + rows - 1
+            )));
+        }
         sqlx::query(
-            "INSERT INTO import_chunks (tenant_id, import_id, chunk, received, upserted, rejected) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (tenant_id, import_id, chunk) DO UPDATE SET \
-               received = EXCLUDED.received, upserted = EXCLUDED.upserted, rejected = EXCLUDED.rejected",
+            "INSERT INTO import_ranges (tenant_id, import_id, first_row, rows, upserted, rejected) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(tenant)
         .bind(import_id)
-        .bind(chunk.index as i64)
+        .bind(chunk.first as i64)
         .bind(chunk.received as i64)
         .bind(upserted as i64)
         .bind(rejected)
@@ -713,7 +798,7 @@ impl Importer {
         tx.commit().await?;
         tracing::debug!(
             import_id,
-            chunk = chunk.index,
+            first_row = chunk.first,
             rows = chunk.received,
             "import chunk committed"
         );

@@ -172,5 +172,11 @@ mod tests {
         assert_eq!(err.var, "HIBIKI_DEDUPE_RETENTION_HOURS");
         let err = Config::from_env(&[("HIBIKI_IMPORT_CHUNK_ROWS", "0")]).unwrap_err();
         assert_eq!(err.var, "HIBIKI_IMPORT_CHUNK_ROWS");
+        for bad in ["0", "1.5", "-0.2", "half"] {
+            let err = Config::from_env(&[("HIBIKI_IMPORT_BUSY_SHARE", bad)]).unwrap_err();
+            assert_eq!(err.var, "HIBIKI_IMPORT_BUSY_SHARE", "{bad}");
+        }
+        let ok = Config::from_env(&[("HIBIKI_IMPORT_BUSY_SHARE", "1")]).unwrap();
+        assert_eq!(ok.import.busy_share, 1.0);
     }
 }

@@ -9,9 +9,9 @@
 //!    and flip the contact's memberships (the segment numbers in its `segs`,
 //!    guarded by the contact's row lock);
 //! 4. write the contacts back, memberships included;
-//! 5. move each changed segment's count by the net change: this takes the
-//!    segment's row lock, which every writer of the segment waits on, so it
-//!    comes last, just before the outbox and the commit;
+//! 5. move each changed segment's count by the net change, as a row of
+//!    `segment_count_deltas` (folded into `segments.member_count` every
+//!    second), so that writers of a hot segment never queue on its row;
 //! 6. write the membership changes to the outbox.
 //!
 //! All in the caller's transaction: the contact, its memberships, the counts
@@ -368,9 +368,8 @@ pub struct Evaluated {
 /// in each delta's `segs`; the caller stores them with the contacts, then
 /// moves the counts with [`Evaluated::count`].
 ///
-/// The segments are read `FOR KEY SHARE` (a rule change waits for this
-/// transaction); only [`Evaluated::count`] takes their row locks, as late
-/// as possible, because every writer of the segment waits on them.
+/// The segments are read `FOR KEY SHARE`: a rule change waits for this
+/// transaction; other writers, the bulk import and the count fold do not.
 pub async fn evaluate_segments(
     tx: &mut PgConnection,
     tenant: &str,
@@ -468,11 +467,17 @@ impl Evaluated {
         for (s, _, entered) in &changes {
             *net.entry(s.as_str()).or_default() += if *entered { 1 } else { -1 };
         }
+        // A count delta row, not an update of the segment row: a hot
+        // segment's writers do not queue on its row lock (nor behind each
+        // other's commits). The count each change reports is the count this
+        // transaction sees: committed changes plus its own.
         let sql = format!(
-            "UPDATE segments s SET member_count = s.member_count + x.d, updated_at = now() \
-         FROM unnest($2::text[], $3::bigint[]) AS x(id, d) \
-         WHERE s.tenant_id = $1 AND s.segment_id = x.id \
-         RETURNING s.segment_id, {COUNT_SQL}"
+            "WITH moved AS ( \
+               INSERT INTO segment_count_deltas (tenant_id, segment_id, delta) \
+               SELECT $1, id, d FROM unnest($2::text[], $3::bigint[]) AS x(id, d)) \
+             SELECT s.segment_id, {COUNT_SQL} + x.d \
+             FROM segments s JOIN unnest($2::text[], $3::bigint[]) AS x(id, d) ON s.segment_id = x.id \
+             WHERE s.tenant_id = $1"
         );
         let finals: HashMap<String, i64> =
             sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql))
