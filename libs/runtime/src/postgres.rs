@@ -100,3 +100,43 @@ pub async fn ensure_database(config: &PostgresConfig) -> Result<bool, PostgresEr
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
 }
+
+/// Keeps a queue table (rows written, then deleted once handled) lean:
+/// after `every` deleted rows it runs `VACUUM` on the table, so scans in id
+/// order do not wade through the dead rows of every row ever handled. The
+/// server's autovacuum would get there too, but it may be slow to start, or
+/// off; a queue table is small once vacuumed, so this costs little.
+#[derive(Debug)]
+pub struct QueueVacuum {
+    table: &'static str,
+    every: u64,
+    deleted: std::sync::atomic::AtomicU64,
+}
+
+impl QueueVacuum {
+    /// Vacuums `table` (a plain identifier) after every `every` deletions.
+    pub const fn new(table: &'static str, every: u64) -> Self {
+        Self {
+            table,
+            every,
+            deleted: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts `rows` deleted; vacuums the table once enough were.
+    /// Must not be called inside a transaction.
+    pub async fn deleted(&self, pool: &PgPool, rows: u64) -> Result<(), sqlx::Error> {
+        use std::sync::atomic::Ordering;
+        let total = self.deleted.fetch_add(rows, Ordering::Relaxed) + rows;
+        if total < self.every {
+            return Ok(());
+        }
+        self.deleted.store(0, Ordering::Relaxed);
+        let sql = format!("VACUUM (SKIP_LOCKED) {}", self.table);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await?;
+        tracing::debug!(table = self.table, deleted = total, "queue table vacuumed");
+        Ok(())
+    }
+}

@@ -52,6 +52,9 @@ pub struct Config {
     /// `HIBIKI_DEDUPE_RETENTION_HOURS`: how long applied webhook event ids
     /// and mutation results are kept (at least 24). Default 168.
     pub dedupe_retention: std::time::Duration,
+    /// `HIBIKI_SEGMENT_SWEEP_BATCH`: contacts per transaction when a new or
+    /// changed rule is swept over the tenant's contacts. Default 5,000.
+    pub sweep_batch: i64,
 }
 
 impl Config {
@@ -71,6 +74,8 @@ impl Config {
                 }
                 std::time::Duration::from_secs(hours * 3600)
             },
+            sweep_batch: hibiki_runtime::config::Reader::new(env)
+                .positive("HIBIKI_SEGMENT_SWEEP_BATCH", 5000)? as i64,
         })
     }
 }
@@ -107,7 +112,12 @@ impl Service for Application {
         let tasks = Shutdown::new();
         let registry = registry::Registry::start(pool.clone(), tasks.clone());
         let relay = outbox::Relay::start(pool.clone(), redis, host.migrated(), tasks.clone());
-        let computer = segments::Computer::start(pool.clone(), host.migrated(), tasks.clone());
+        let computer = segments::Computer::start(
+            pool.clone(),
+            config.sweep_batch,
+            host.migrated(),
+            tasks.clone(),
+        );
         retention::start(
             pool.clone(),
             config.dedupe_retention,

@@ -11,12 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hibiki_runtime::postgres::QueueVacuum;
 use hibiki_runtime::redis::{Redis, redis};
 use hibiki_runtime::{Migrated, Shutdown};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
+
+/// The outbox is vacuumed after this many published records.
+static OUTBOX_VACUUM: QueueVacuum = QueueVacuum::new("outbox", 50_000);
 
 /// Records published per round trip.
 const BATCH: i64 = 500;
@@ -113,5 +117,6 @@ pub async fn publish_batch(pool: &PgPool, redis: &Redis, key: &str) -> Result<us
         .await?;
     tx.commit().await?;
     metrics::counter!("hibiki_contacts_outbox_published_total").increment(rows.len() as u64);
+    OUTBOX_VACUUM.deleted(pool, rows.len() as u64).await?;
     Ok(rows.len())
 }

@@ -30,6 +30,7 @@ use hibiki_proto::contacts::v1::{
     ListSegmentMembersResponse, ListSegmentsRequest, ListSegmentsResponse, MembershipChangeRecord,
     Segment, SegmentCount, SegmentRule, SegmentSnapshot, SegmentStatus, UpdateSegmentRequest,
 };
+use hibiki_runtime::postgres::QueueVacuum;
 use hibiki_runtime::timestamp::to_proto;
 use hibiki_runtime::{Caller, Migrated, Shutdown};
 use prost::Message;
@@ -483,14 +484,15 @@ pub struct Computer {
 }
 
 impl Computer {
-    /// Starts the worker on `pool`, once `migrated`, until `shutdown`.
-    pub fn start(pool: PgPool, migrated: Migrated, shutdown: Shutdown) -> Self {
+    /// Starts the worker on `pool`, once `migrated`, until `shutdown`,
+    /// sweeping `batch` contacts per transaction.
+    pub fn start(pool: PgPool, batch: i64, migrated: Migrated, shutdown: Shutdown) -> Self {
         let wake = std::sync::Arc::new(Notify::new());
         let notify = wake.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                () = migrated.wait() => run(pool, notify, shutdown).await,
+                () = migrated.wait() => run(pool, batch, notify, shutdown).await,
             }
         });
         Self { wake }
@@ -502,10 +504,10 @@ impl Computer {
     }
 }
 
-async fn run(pool: PgPool, wake: std::sync::Arc<Notify>, shutdown: Shutdown) {
+async fn run(pool: PgPool, batch: i64, wake: std::sync::Arc<Notify>, shutdown: Shutdown) {
     loop {
         loop {
-            match compute_one(&pool, SWEEP_BATCH).await {
+            match compute_one(&pool, batch).await {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -526,9 +528,6 @@ async fn run(pool: PgPool, wake: std::sync::Arc<Notify>, shutdown: Shutdown) {
         }
     }
 }
-
-/// Contacts per sweep transaction.
-const SWEEP_BATCH: i64 = 5000;
 
 /// The advisory lock class of segment sweeps (the key is the segment's number).
 const SWEEP_LOCK: i32 = 0x6869_6273; // "hibs"
@@ -691,6 +690,9 @@ async fn sweep(
     }
 }
 
+/// The count deltas are vacuumed after this many were folded.
+static DELTAS_VACUUM: QueueVacuum = QueueVacuum::new("segment_count_deltas", 20_000);
+
 /// Folds the pending count deltas into `member_count`, one segment per
 /// short transaction, and publishes each folded segment's count.
 pub async fn fold_counts(pool: &PgPool) -> Result<()> {
@@ -701,20 +703,24 @@ pub async fn fold_counts(pool: &PgPool) -> Result<()> {
     .await?;
     for (tenant, segment) in pending {
         let mut tx = pool.begin().await?;
-        let count: Option<i64> = sqlx::query_scalar(
+        let folded: Option<(i64, i64)> = sqlx::query_as(
             "WITH d AS (DELETE FROM segment_count_deltas WHERE tenant_id = $1 AND segment_id = $2 \
                         RETURNING delta) \
              UPDATE segments SET member_count = member_count + (SELECT COALESCE(sum(delta), 0) FROM d) \
-             WHERE tenant_id = $1 AND segment_id = $2 RETURNING member_count",
+             WHERE tenant_id = $1 AND segment_id = $2 \
+             RETURNING member_count, (SELECT count(*) FROM d)",
         )
         .bind(&tenant)
         .bind(&segment)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(count) = count {
+        let mut deleted = 0;
+        if let Some((count, rows)) = folded {
             write_snapshot(&mut tx, &tenant, &segment, count, false).await?;
+            deleted = rows as u64;
         }
         tx.commit().await?;
+        DELTAS_VACUUM.deleted(pool, deleted).await?;
     }
     Ok(())
 }

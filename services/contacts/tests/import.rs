@@ -1,6 +1,6 @@
 //! The bulk sync over real gRPC: bad rows are reported by row and field
 //! while the rest is imported, segment counts stay exact, and an interrupted
-//! import resumes without doing committed chunks twice.
+//! import resumes without importing committed rows twice.
 
 mod common;
 
@@ -236,6 +236,17 @@ async fn an_interrupted_import_resumes_and_skips_committed_chunks() {
     call.abort();
     let _ = call.await;
     drop(tx);
+    // Meanwhile a realtime change to a contact of a committed chunk: the
+    // re-run must not undo it, because it skips that chunk's records.
+    c.contacts()
+        .set_attributes(SetAttributesRequest {
+            contact: contact(T, 5),
+            set: [("age".to_owned(), number(99.0))].into(),
+            unset: vec![],
+            idempotency_key: "between-runs".into(),
+        })
+        .await
+        .unwrap();
 
     // Second attempt: the whole input again, same import id.
     let mut messages = vec![header("resumable")];
@@ -253,7 +264,67 @@ async fn an_interrupted_import_resumes_and_skips_committed_chunks() {
         (status.received, status.upserted, status.rejected),
         (3000, 3000, 0)
     );
+    let pool = c.pool().await;
+    let age: f64 = sqlx::query_scalar(
+        "SELECT (attributes->>'age')::float8 FROM contacts.contacts \
+         WHERE tenant_id = $1 AND line_user_id = $2",
+    )
+    .bind(T)
+    .bind(user(5))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(age, 99.0, "a committed chunk was imported again");
     assert_counts_exact(&c, &ids).await;
+}
+
+#[tokio::test]
+async fn a_record_that_changes_nothing_is_not_rewritten() {
+    let c = Contacts::start().await;
+    c.tenant(T).await;
+    let records: Vec<ImportRecord> = (1..=200).map(record).collect();
+    let pool = c.pool().await;
+    let stamps = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT updated_at FROM contacts.contacts WHERE tenant_id = $1 ORDER BY line_user_id",
+        )
+        .bind(T)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let mut changed = records.clone();
+    changed[9].display_name = "renamed".into(); // row 10
+    let mut last = Vec::new();
+    for (run, input) in [&records, &records, &changed].into_iter().enumerate() {
+        let mut messages = vec![header(&format!("sync-{run}"))];
+        messages.extend(input.chunks(50).map(|c| batch(c.to_vec())));
+        let status = c
+            .contacts()
+            .import_contacts(tokio_stream::iter(messages))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!((status.received, status.upserted), (200, 200));
+        let now = stamps().await;
+        match run {
+            0 => {}
+            1 => assert_eq!(now, last, "an identical sync rewrote contacts"),
+            _ => {
+                let rewritten: Vec<usize> = (0..200).filter(|&i| now[i] != last[i]).collect();
+                let row10 = (1..=200u32)
+                    .map(user)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .iter()
+                    .position(|u| *u == user(10))
+                    .unwrap();
+                assert_eq!(rewritten, [row10], "only the changed record is rewritten");
+            }
+        }
+        last = now;
+    }
 }
 
 #[tokio::test]
@@ -278,7 +349,7 @@ async fn an_import_must_start_with_its_header_and_stay_in_its_tenant() {
 }
 
 #[tokio::test]
-async fn a_short_last_chunk_is_done_again_in_full_when_the_rest_arrives() {
+async fn an_import_that_ended_early_continues_from_its_last_row_when_the_rest_arrives() {
     let c = Contacts::start_with(&[("HIBIKI_IMPORT_CHUNK_ROWS", "1000")]).await;
     c.tenant(T).await;
     let ids = segments(&c).await;
