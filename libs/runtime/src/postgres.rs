@@ -132,7 +132,9 @@ impl QueueVacuum {
             return Ok(());
         }
         self.deleted.store(0, Ordering::Relaxed);
-        let sql = format!("VACUUM (SKIP_LOCKED) {}", self.table);
+        // No truncation: it takes the table's exclusive lock, which every
+        // writer of the queue would queue behind.
+        let sql = format!("VACUUM (SKIP_LOCKED, TRUNCATE false) {}", self.table);
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(pool)
             .await?;
