@@ -1,6 +1,8 @@
 //! gateway: the HTTP edge for LINE webhooks. It verifies each webhook's signature with the channel secret (kept in memory from contacts' WatchChannels), dedupes on webhookEventId, and appends every event to the Redis event log before answering 200.
 #![forbid(unsafe_code)]
 
+pub mod line;
+
 use hibiki_runtime::app::{Skeleton, SkeletonSpec};
 use hibiki_runtime::{Needs, ServiceDefaults};
 

@@ -1,0 +1,407 @@
+//! LINE's webhook, as the gateway reads it: the signature check on the raw
+//! body, and the envelope and its events turned into `InboundEvent`s.
+//!
+//! Every event keeps its exact JSON bytes in `raw`; the typed fields are
+//! read from them. An event of a type hibiki does not model is accepted as
+//! `UnknownEvent` (LINE adds types over time: that is never a reason to
+//! fail a delivery). Fields LINE leaves out stay at their defaults.
+
+use base64::Engine;
+use hibiki_proto::common::v1::inbound_event::Payload;
+use hibiki_proto::common::v1::message_content::Content;
+use hibiki_proto::common::v1::{
+    AccountLinkEvent, ActivatedEvent, BeaconEvent, BotResumedEvent, BotSuspendedEvent,
+    DeactivatedEvent, DeliveryEvent, EventMode, FileMessage, FollowEvent, InboundEvent, JoinEvent,
+    LeaveEvent, LocationMessage, MediaMessage, MemberJoinedEvent, MemberLeftEvent, MembershipEvent,
+    MessageContent, MessageEditedEvent, MessageEvent, ModuleEvent, PostbackEvent, Source,
+    SourceType, StickerMessage, TextMessage, UnfollowEvent, UnknownEvent, UnsendEvent,
+    VideoPlayCompleteEvent,
+};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sha2::Sha256;
+
+/// The header LINE signs its webhooks in.
+pub const SIGNATURE_HEADER: &str = "x-line-signature";
+
+/// Whether `signature` (the header's value) is the Base64 HMAC-SHA256 of
+/// `body` under the channel `secret`. The comparison takes the same time
+/// whatever the signature's content.
+pub fn signature_is_valid(secret: &[u8], body: &[u8], signature: &str) -> bool {
+    let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    // `verify_slice` compares in constant time.
+    mac.verify_slice(&given).is_ok()
+}
+
+/// The signature LINE would send for `body` (for tests and the simulator).
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Why a signed body is not a webhook.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParseError {
+    /// Not JSON, or not the envelope's shape.
+    #[error("the body is not a LINE webhook: {0}")]
+    Malformed(String),
+    /// An event lacks what every event has.
+    #[error("events[{index}]: {message}")]
+    Event {
+        /// The event's index in `events`.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    destination: String,
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+/// A parsed webhook body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    /// The bot's user id the webhook was sent to.
+    pub destination: String,
+    /// The events, in the order of the body; `tenant_id`, `channel_id`,
+    /// `received_at` and `trace` are left for the caller.
+    pub events: Vec<InboundEvent>,
+}
+
+/// Parses a webhook body (already verified).
+pub fn parse(body: &[u8]) -> Result<Webhook, ParseError> {
+    let envelope: Envelope<'_> =
+        serde_json::from_slice(body).map_err(|e| ParseError::Malformed(e.to_string()))?;
+    let events = envelope
+        .events
+        .iter()
+        .enumerate()
+        .map(|(index, raw)| {
+            parse_event(raw, &envelope.destination)
+                .map_err(|message| ParseError::Event { index, message })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Webhook {
+        destination: envelope.destination,
+        events,
+    })
+}
+
+fn str_at<'v>(v: &'v Value, path: &[&str]) -> &'v str {
+    at(v, path).and_then(Value::as_str).unwrap_or("")
+}
+
+fn at<'v>(v: &'v Value, path: &[&str]) -> Option<&'v Value> {
+    path.iter().try_fold(v, |v, key| v.get(key))
+}
+
+fn i64_at(v: &Value, path: &[&str]) -> i64 {
+    at(v, path).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn strings_at(v: &Value, path: &[&str]) -> Vec<String> {
+    at(v, path)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The user ids of `{"members": [{"type": "user", "userId": …}]}`.
+fn members(v: &Value, key: &str) -> Vec<String> {
+    at(v, &[key, "members"])
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|m| str_at(m, &["userId"]).to_owned())
+                .filter(|u| !u.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_event(raw: &RawValue, destination: &str) -> Result<InboundEvent, String> {
+    let v: Value = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+    if !v.is_object() {
+        return Err("is not an object".into());
+    }
+    let kind = v
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or("has no type")?
+        .to_owned();
+    let webhook_event_id = str_at(&v, &["webhookEventId"]).to_owned();
+    if webhook_event_id.is_empty() {
+        return Err("has no webhookEventId".into());
+    }
+    let source = v.get("source").map(|s| Source {
+        r#type: match str_at(s, &["type"]) {
+            "user" => SourceType::User,
+            "group" => SourceType::Group,
+            "room" => SourceType::Room,
+            _ => SourceType::Unspecified,
+        } as i32,
+        user_id: str_at(s, &["userId"]).to_owned(),
+        group_id: str_at(s, &["groupId"]).to_owned(),
+        room_id: str_at(s, &["roomId"]).to_owned(),
+    });
+    let payload = match kind.as_str() {
+        "message" => Payload::Message(MessageEvent {
+            message: Some(message(&v)),
+        }),
+        "messageEdited" => Payload::MessageEdited(MessageEditedEvent {
+            message: Some(message(&v)),
+        }),
+        "unsend" => Payload::Unsend(UnsendEvent {
+            message_id: str_at(&v, &["unsend", "messageId"]).to_owned(),
+        }),
+        "follow" => Payload::Follow(FollowEvent {
+            is_unblocked: at(&v, &["follow", "isUnblocked"])
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        }),
+        "unfollow" => Payload::Unfollow(UnfollowEvent {}),
+        "join" => Payload::Join(JoinEvent {}),
+        "leave" => Payload::Leave(LeaveEvent {}),
+        "memberJoined" => Payload::MemberJoined(MemberJoinedEvent {
+            user_ids: members(&v, "joined"),
+        }),
+        "memberLeft" => Payload::MemberLeft(MemberLeftEvent {
+            user_ids: members(&v, "left"),
+        }),
+        "postback" => Payload::Postback(PostbackEvent {
+            data: str_at(&v, &["postback", "data"]).to_owned(),
+            params: at(&v, &["postback", "params"])
+                .and_then(Value::as_object)
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, x)| {
+                            let text = match x {
+                                Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            };
+                            (k.clone(), text)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }),
+        "videoPlayComplete" => Payload::VideoPlayComplete(VideoPlayCompleteEvent {
+            tracking_id: str_at(&v, &["videoPlayComplete", "trackingId"]).to_owned(),
+        }),
+        "beacon" => Payload::Beacon(BeaconEvent {
+            hwid: str_at(&v, &["beacon", "hwid"]).to_owned(),
+            r#type: str_at(&v, &["beacon", "type"]).to_owned(),
+            dm: str_at(&v, &["beacon", "dm"]).to_owned(),
+        }),
+        "accountLink" => Payload::AccountLink(AccountLinkEvent {
+            result: str_at(&v, &["link", "result"]).to_owned(),
+            nonce: str_at(&v, &["link", "nonce"]).to_owned(),
+        }),
+        "membership" => Payload::Membership(MembershipEvent {
+            r#type: str_at(&v, &["membership", "type"]).to_owned(),
+            membership_id: i64_at(&v, &["membership", "membershipId"]),
+        }),
+        "module" => Payload::Module(ModuleEvent {
+            r#type: str_at(&v, &["module", "type"]).to_owned(),
+            bot_id: str_at(&v, &["module", "botId"]).to_owned(),
+            scopes: strings_at(&v, &["module", "scopes"]),
+            reason: str_at(&v, &["module", "reason"]).to_owned(),
+        }),
+        "activated" => Payload::Activated(ActivatedEvent {
+            expire_at_ms: i64_at(&v, &["chatControl", "expireAt"]),
+        }),
+        "deactivated" => Payload::Deactivated(DeactivatedEvent {}),
+        "botSuspended" => Payload::BotSuspended(BotSuspendedEvent {}),
+        "botResumed" => Payload::BotResumed(BotResumedEvent {}),
+        "delivery" => Payload::Delivery(DeliveryEvent {
+            data: str_at(&v, &["delivery", "data"]).to_owned(),
+        }),
+        _ => Payload::Unknown(UnknownEvent {}),
+    };
+    Ok(InboundEvent {
+        destination: destination.to_owned(),
+        webhook_event_id,
+        r#type: kind,
+        timestamp_ms: i64_at(&v, &["timestamp"]),
+        mode: match str_at(&v, &["mode"]) {
+            "active" => EventMode::Active,
+            "standby" => EventMode::Standby,
+            _ => EventMode::Unspecified,
+        } as i32,
+        is_redelivery: at(&v, &["deliveryContext", "isRedelivery"])
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        source,
+        reply_token: str_at(&v, &["replyToken"]).to_owned(),
+        raw: raw.get().as_bytes().to_vec(),
+        payload: Some(payload),
+        ..Default::default()
+    })
+}
+
+/// The `message` object of a message or messageEdited event.
+fn message(v: &Value) -> MessageContent {
+    let m = v.get("message").unwrap_or(&Value::Null);
+    let kind = str_at(m, &["type"]);
+    let media = || MediaMessage {
+        content_provider: str_at(m, &["contentProvider", "type"]).to_owned(),
+        original_content_url: str_at(m, &["contentProvider", "originalContentUrl"]).to_owned(),
+        preview_image_url: str_at(m, &["contentProvider", "previewImageUrl"]).to_owned(),
+        duration_ms: i64_at(m, &["duration"]),
+        image_set_id: str_at(m, &["imageSet", "id"]).to_owned(),
+        image_set_index: i64_at(m, &["imageSet", "index"]).max(0) as u32,
+        image_set_total: i64_at(m, &["imageSet", "total"]).max(0) as u32,
+    };
+    let content = match kind {
+        "text" => Some(Content::Text(TextMessage {
+            text: str_at(m, &["text"]).to_owned(),
+            quoted_message_id: str_at(m, &["quotedMessageId"]).to_owned(),
+            mentioned_user_ids: at(m, &["mention", "mentionees"])
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|x| str_at(x, &["userId"]).to_owned())
+                        .filter(|u| !u.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            mentions_all: at(m, &["mention", "mentionees"])
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|x| str_at(x, &["type"]) == "all")),
+            emoji_product_ids: at(m, &["emojis"])
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|x| str_at(x, &["productId"]).to_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })),
+        "image" => Some(Content::Image(media())),
+        "video" => Some(Content::Video(media())),
+        "audio" => Some(Content::Audio(media())),
+        "file" => Some(Content::File(FileMessage {
+            file_name: str_at(m, &["fileName"]).to_owned(),
+            file_size: i64_at(m, &["fileSize"]),
+        })),
+        "location" => Some(Content::Location(LocationMessage {
+            title: str_at(m, &["title"]).to_owned(),
+            address: str_at(m, &["address"]).to_owned(),
+            latitude: at(m, &["latitude"]).and_then(Value::as_f64).unwrap_or(0.0),
+            longitude: at(m, &["longitude"]).and_then(Value::as_f64).unwrap_or(0.0),
+        })),
+        "sticker" => Some(Content::Sticker(StickerMessage {
+            package_id: str_at(m, &["packageId"]).to_owned(),
+            sticker_id: str_at(m, &["stickerId"]).to_owned(),
+            sticker_resource_type: str_at(m, &["stickerResourceType"]).to_owned(),
+            keywords: strings_at(m, &["keywords"]),
+            text: str_at(m, &["text"]).to_owned(),
+            quoted_message_id: str_at(m, &["quotedMessageId"]).to_owned(),
+        })),
+        _ => None,
+    };
+    MessageContent {
+        id: str_at(m, &["id"]).to_owned(),
+        r#type: kind.to_owned(),
+        quote_token: str_at(m, &["quoteToken"]).to_owned(),
+        mark_as_read_token: str_at(m, &["markAsReadToken"]).to_owned(),
+        content,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/line/webhook-events.json"
+    );
+
+    #[test]
+    fn a_signature_is_checked_on_the_raw_bytes() {
+        let body = br#"{"destination":"U0","events":[]}"#;
+        let good = sign(b"secret", body);
+        assert!(signature_is_valid(b"secret", body, &good));
+        assert!(!signature_is_valid(b"other", body, &good));
+        assert!(!signature_is_valid(b"secret", b"{}", &good));
+        assert!(!signature_is_valid(b"secret", body, "not base64!"));
+        assert!(!signature_is_valid(b"secret", body, ""));
+    }
+
+    #[test]
+    fn the_28_event_fixture_parses_every_event_with_its_type_and_user() {
+        let body = std::fs::read(FIXTURE).expect("the shared fixture");
+        let webhook = parse(&body).unwrap();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        let events = json["events"].as_array().unwrap();
+        assert_eq!(webhook.events.len(), 28);
+        for (e, j) in webhook.events.iter().zip(events) {
+            assert_eq!(e.r#type, j["type"].as_str().unwrap());
+            assert_eq!(e.timestamp_ms, j["timestamp"].as_i64().unwrap());
+            let user = j["source"]["userId"].as_str().unwrap_or("");
+            assert_eq!(e.source.as_ref().map_or("", |s| s.user_id.as_str()), user);
+            // `raw` is the event's own JSON, byte for byte equal in value.
+            let raw: Value = serde_json::from_slice(&e.raw).unwrap();
+            assert_eq!(&raw, j);
+            let known = !matches!(e.payload, Some(Payload::Unknown(_)));
+            assert_eq!(known, j["type"] != "undefined", "{}", j["type"]);
+        }
+        let texts: Vec<&str> = webhook
+            .events
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Some(Payload::Message(MessageEvent {
+                    message:
+                        Some(MessageContent {
+                            content: Some(Content::Text(t)),
+                            ..
+                        }),
+                })) => Some(t.text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(texts.contains(&"Hello, world"), "{texts:?}");
+        let postback = webhook
+            .events
+            .iter()
+            .find_map(|e| match &e.payload {
+                Some(Payload::Postback(p)) => Some(p),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(postback.data, "action=buyItem&itemId=123123&color=red");
+        assert_eq!(postback.params["datetime"], "2017-12-25T01:00");
+    }
+
+    #[test]
+    fn bad_bodies_say_what_is_wrong() {
+        assert!(matches!(parse(b"not json"), Err(ParseError::Malformed(_))));
+        assert!(matches!(parse(b"{}"), Err(ParseError::Malformed(_))));
+        assert_eq!(
+            parse(br#"{"destination":"U0","events":[{"type":"follow"}]}"#),
+            Err(ParseError::Event {
+                index: 0,
+                message: "has no webhookEventId".into()
+            })
+        );
+        let empty = parse(br#"{"destination":"U0","events":[]}"#).unwrap();
+        assert!(empty.events.is_empty());
+    }
+}
