@@ -8,6 +8,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod eventlog;
 pub mod grpc;
 pub mod host;
 pub mod metrics;
