@@ -31,9 +31,12 @@ fn event<'a>(user: &'a str, id: &'a str, payload: &'a [u8]) -> Event<'a> {
     }
 }
 
+/// A stream entry: its id and its (field, value) pairs.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
 async fn entries(redis: &Redis, key: &str) -> Vec<Vec<u8>> {
     let mut conn = redis.pool().get().await.unwrap();
-    let range: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let range: Vec<Entry> = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
         .arg("+")
