@@ -247,18 +247,8 @@ impl Contacts {
             )));
         };
         apply_edit(row, &edit, "set")?;
-        let mut delta = [ContactDelta::of(row, locked.before.remove(user).flatten())];
-        let evaluated = store::evaluate_segments(&mut tx, tenant, &mut delta).await?;
-        let [delta] = delta;
-        row.segs = delta.segs;
-        store::save_contacts(&mut tx, tenant, &[&*row]).await?;
-        let changes: Vec<MembershipChange> = evaluated
-            .count(&mut tx, tenant)
-            .await?
-            .into_iter()
-            .map(|(_, c)| c)
-            .collect();
-        store::write_outbox(&mut tx, tenant, &changes, &current_trace_context()).await?;
+        let before = locked.before.remove(user).flatten();
+        let changes = store::write_contact(&mut tx, tenant, row, before).await?;
         let response = MutationResponse {
             membership_changes: changes,
             replayed: false,
@@ -577,18 +567,7 @@ impl ContactService for Contacts {
         }
         let before = locked.before.remove(&user).flatten();
         let created = before.is_none();
-        let mut delta = [ContactDelta::of(row, before)];
-        let evaluated = store::evaluate_segments(&mut tx, &tenant, &mut delta).await?;
-        let [delta] = delta;
-        row.segs = delta.segs;
-        store::save_contacts(&mut tx, &tenant, &[&*row]).await?;
-        let changes: Vec<MembershipChange> = evaluated
-            .count(&mut tx, &tenant)
-            .await?
-            .into_iter()
-            .map(|(_, c)| c)
-            .collect();
-        store::write_outbox(&mut tx, &tenant, &changes, &current_trace_context()).await?;
+        let changes = store::write_contact(&mut tx, &tenant, row, before).await?;
         let response = UpsertContactResponse {
             contact: Some(row.to_proto()),
             created,

@@ -116,7 +116,18 @@ pub struct Importer {
     slots: Arc<Semaphore>,
     config: ImportConfig,
     realtime: Arc<RealtimeLoad>,
+    /// The runs of each import in this process, so that a re-run waits for
+    /// the run before it (a client that reconnects at once) instead of
+    /// racing it for the same rows.
+    runs: Arc<std::sync::Mutex<Runs>>,
 }
+
+/// The run lock of each (tenant, import id) running in this process.
+type Runs = HashMap<(String, String), std::sync::Weak<tokio::sync::Mutex<()>>>;
+
+/// How long a run of an import waits for an earlier run of the same import
+/// in this process to finish.
+const RUN_WAIT: Duration = Duration::from_secs(30);
 
 /// How busy the process is with realtime contact writes, so imports give
 /// way: while realtime calls arrive, an import commits one chunk at a time
@@ -323,7 +334,39 @@ impl Importer {
             slots: Arc::new(Semaphore::new(import.concurrency)),
             config: import,
             realtime: Arc::new(RealtimeLoad::new()),
+            runs: Arc::default(),
         })
+    }
+
+    /// Waits (at most [`RUN_WAIT`]) until no other run of this import is
+    /// going on in this process; the guard keeps others out until dropped.
+    /// (A run in another replica at the same time is caught when it commits
+    /// rows this one committed: FAILED_PRECONDITION.)
+    async fn exclusive_run(
+        &self,
+        tenant: &str,
+        import_id: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+        let lock = {
+            let mut runs = self.runs.lock().expect("not poisoned");
+            runs.retain(|_, run| run.strong_count() > 0);
+            let key = (tenant.to_owned(), import_id.to_owned());
+            match runs.get(&key).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    runs.insert(key, Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        tokio::time::timeout(RUN_WAIT, lock.lock_owned())
+            .await
+            .map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "import {import_id:?} is still running; retry once it has finished"
+                ))
+            })
     }
 
     /// The realtime load imports give way to.
@@ -363,12 +406,13 @@ impl Importer {
             .authorize_tenant(&tenant_id)
             .map_err(|s| Error::invalid("header.tenant_id", s.message().to_owned()))?;
         require_tenant(&self.pool, &tenant_id).await?;
-        let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
             Error::ResourceExhausted(format!(
                 "{} imports are running in this process; retry later",
                 self.config.concurrency
             ))
         })?;
+        let run = self.exclusive_run(&tenant_id, &import_id).await?;
         sqlx::query(
             "INSERT INTO imports (tenant_id, import_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
@@ -398,7 +442,12 @@ impl Importer {
             let importer = self.clone();
             let (tenant_id, import_id) = (tenant_id.clone(), import_id.clone());
             let parallel = self.config.db_connections.max(1) as usize;
+            // The committer holds the import's slot and run lock: if the
+            // client goes away, this call is dropped, but chunks already
+            // handed over still commit, and a re-run waits for them.
+            let held = (slot, run);
             tokio::spawn(async move {
+                let _held = held;
                 let mut running: tokio::task::JoinSet<Result<Duration>> =
                     tokio::task::JoinSet::new();
                 let mut users_running: Vec<(tokio::task::Id, HashSet<u64>)> = Vec::new();
@@ -406,10 +455,6 @@ impl Importer {
                 let mut last_took: Option<Duration> = None;
                 // Whether the last chunk created all its contacts.
                 let all_new = Arc::new(std::sync::atomic::AtomicBool::new(true));
-                let finished =
-                    |id: tokio::task::Id, users: &mut Vec<(tokio::task::Id, HashSet<u64>)>| {
-                        users.retain(|(t, _)| *t != id);
-                    };
                 while let Some(chunk) = chunks_rx.recv().await {
                     let users: HashSet<u64> = chunk.rows.keys().map(|u| user_hash(u)).collect();
                     loop {
@@ -429,7 +474,7 @@ impl Importer {
                             .await
                             .expect("a chunk is running")
                             .map_err(|e| Error::Unavailable(format!("import chunk: {e}")))?;
-                        finished(id, &mut users_running);
+                        users_running.retain(|(t, _)| *t != id);
                         last_took = Some(result?);
                     }
                     if importer.realtime.busy() {

@@ -541,6 +541,9 @@ pub async fn compute_one(pool: &PgPool, batch: i64) -> Result<bool> {
     .bind(COMPUTING)
     .fetch_all(pool)
     .await?;
+    if candidates.is_empty() {
+        return Ok(false);
+    }
     let mut conn = pool.acquire().await?;
     for (tenant, segment, no) in candidates {
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")

@@ -513,6 +513,36 @@ impl Evaluated {
     }
 }
 
+/// Writes one locked contact as the caller changed it: re-evaluates its
+/// segments, stores it with its memberships, moves the counts and queues
+/// the membership changes on the outbox. Returns the changes.
+pub async fn write_contact(
+    tx: &mut PgConnection,
+    tenant: &str,
+    row: &mut ContactRow,
+    before: Option<ContactState>,
+) -> Result<Vec<MembershipChange>> {
+    let mut delta = [ContactDelta::of(row, before)];
+    let evaluated = evaluate_segments(tx, tenant, &mut delta).await?;
+    let [delta] = delta;
+    row.segs = delta.segs;
+    save_contacts(tx, tenant, &[&*row]).await?;
+    let changes: Vec<MembershipChange> = evaluated
+        .count(tx, tenant)
+        .await?
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
+    write_outbox(
+        tx,
+        tenant,
+        &changes,
+        &hibiki_runtime::telemetry::current_trace_context(),
+    )
+    .await?;
+    Ok(changes)
+}
+
 /// Queues membership change records for publication, in the caller's
 /// transaction.
 pub async fn write_outbox(

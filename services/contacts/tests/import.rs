@@ -11,7 +11,7 @@ use hibiki_proto::common::v1::{Value, value::Kind};
 use hibiki_proto::contacts::v1::{
     AttributeCondition, Comparison, CreateSegmentRequest, GetImportRequest,
     GetSegmentCountsRequest, HasTag, ImportBatch, ImportContactsRequest, ImportHeader,
-    ImportRecord, SegmentRule, SetAttributesRequest, import_contacts_request::Item,
+    ImportRecord, ImportStatus, SegmentRule, SetAttributesRequest, import_contacts_request::Item,
     segment_rule::Node,
 };
 use tokio::sync::mpsc;
@@ -55,6 +55,25 @@ fn batch(records: Vec<ImportRecord>) -> ImportContactsRequest {
     ImportContactsRequest {
         item: Some(Item::Batch(ImportBatch { records })),
     }
+}
+
+/// Imports `records` as `import_id`, `per_message` records a message, to the
+/// end of the stream; the final status.
+async fn import(
+    c: &Contacts,
+    import_id: &str,
+    records: &[ImportRecord],
+    per_message: usize,
+) -> ImportStatus {
+    let mut messages = vec![header(import_id)];
+    messages.extend(records.chunks(per_message).map(|c| batch(c.to_vec())));
+    c.contacts()
+        .import_contacts(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
 }
 
 async fn segments(c: &Contacts) -> Vec<String> {
@@ -156,16 +175,7 @@ async fn an_import_reports_bad_rows_by_number_and_imports_the_rest() {
     records[1499]
         .attributes
         .insert("score".into(), number(f64::NAN)); // row 1500
-    let mut messages = vec![header("crm-2026-11-28")];
-    messages.extend(records.chunks(500).map(|c| batch(c.to_vec())));
-
-    let response = c
-        .contacts()
-        .import_contacts(tokio_stream::iter(messages))
-        .await
-        .unwrap()
-        .into_inner();
-    let status = response.status.unwrap();
+    let status = import(&c, "crm-2026-11-28", &records, 500).await;
     assert!(status.done);
     assert_eq!(
         (status.received, status.upserted, status.rejected),
@@ -249,16 +259,7 @@ async fn an_interrupted_import_resumes_and_skips_committed_chunks() {
         .unwrap();
 
     // Second attempt: the whole input again, same import id.
-    let mut messages = vec![header("resumable")];
-    messages.extend(records.chunks(500).map(|c| batch(c.to_vec())));
-    let status = c
-        .contacts()
-        .import_contacts(tokio_stream::iter(messages))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = import(&c, "resumable", &records, 500).await;
     assert!(status.done);
     assert_eq!(
         (status.received, status.upserted, status.rejected),
@@ -297,16 +298,7 @@ async fn a_record_that_changes_nothing_is_not_rewritten() {
     changed[9].display_name = "renamed".into(); // row 10
     let mut last = Vec::new();
     for (run, input) in [&records, &records, &changed].into_iter().enumerate() {
-        let mut messages = vec![header(&format!("sync-{run}"))];
-        messages.extend(input.chunks(50).map(|c| batch(c.to_vec())));
-        let status = c
-            .contacts()
-            .import_contacts(tokio_stream::iter(messages))
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let status = import(&c, &format!("sync-{run}"), input, 50).await;
         assert_eq!((status.received, status.upserted), (200, 200));
         let now = stamps().await;
         match run {
@@ -355,16 +347,7 @@ async fn an_import_that_ended_early_continues_from_its_last_row_when_the_rest_ar
     let ids = segments(&c).await;
     let records: Vec<ImportRecord> = (1..=3000).map(record).collect();
     for rows in [2500, 3000] {
-        let mut messages = vec![header("grows")];
-        messages.extend(records[..rows].chunks(500).map(|c| batch(c.to_vec())));
-        let status = c
-            .contacts()
-            .import_contacts(tokio_stream::iter(messages))
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let status = import(&c, "grows", &records[..rows], 500).await;
         assert_eq!(
             (status.received, status.upserted),
             (rows as u64, rows as u64)

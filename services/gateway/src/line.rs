@@ -122,9 +122,10 @@ fn strings_at(v: &Value, path: &[&str]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The user ids of `{"members": [{"type": "user", "userId": …}]}`.
-fn members(v: &Value, key: &str) -> Vec<String> {
-    at(v, &[key, "members"])
+/// The non-empty `userId`s of the objects in the array at `path`, e.g.
+/// `joined.members` or `mention.mentionees`.
+fn user_ids_at(v: &Value, path: &[&str]) -> Vec<String> {
+    at(v, path)
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -179,10 +180,10 @@ fn parse_event(raw: &RawValue, destination: &str) -> Result<InboundEvent, String
         "join" => Payload::Join(JoinEvent {}),
         "leave" => Payload::Leave(LeaveEvent {}),
         "memberJoined" => Payload::MemberJoined(MemberJoinedEvent {
-            user_ids: members(&v, "joined"),
+            user_ids: user_ids_at(&v, &["joined", "members"]),
         }),
         "memberLeft" => Payload::MemberLeft(MemberLeftEvent {
-            user_ids: members(&v, "left"),
+            user_ids: user_ids_at(&v, &["left", "members"]),
         }),
         "postback" => Payload::Postback(PostbackEvent {
             data: str_at(&v, &["postback", "data"]).to_owned(),
@@ -272,15 +273,7 @@ fn message(v: &Value) -> MessageContent {
         "text" => Some(Content::Text(TextMessage {
             text: str_at(m, &["text"]).to_owned(),
             quoted_message_id: str_at(m, &["quotedMessageId"]).to_owned(),
-            mentioned_user_ids: at(m, &["mention", "mentionees"])
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|x| str_at(x, &["userId"]).to_owned())
-                        .filter(|u| !u.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            mentioned_user_ids: user_ids_at(m, &["mention", "mentionees"]),
             mentions_all: at(m, &["mention", "mentionees"])
                 .and_then(Value::as_array)
                 .is_some_and(|a| a.iter().any(|x| str_at(x, &["type"]) == "all")),
