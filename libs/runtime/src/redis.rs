@@ -1,9 +1,12 @@
-//! Redis: a connection pool for blocking reads and transactions, and the key
-//! prefix that keeps meshes (and tests) sharing one Redis apart.
+//! Redis: one shared multiplexed connection for the hot path (many callers'
+//! commands pipelined on one socket), a connection pool for blocking reads
+//! and transactions, and the key prefix that keeps meshes (and tests) sharing
+//! one Redis apart.
 //!
 //! Keys are built with [`Redis::key`]; keys that must live in the same Redis
 //! Cluster slot put their shard in a `{hash tag}`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
@@ -31,7 +34,13 @@ pub enum RedisError {
 pub struct Redis {
     pool: Pool,
     prefix: String,
+    client: redis::Client,
+    shared: Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
 }
+
+/// How long connecting, or waiting for one reply on the shared connection,
+/// may take before the command fails: well inside LINE's 2 s webhook limit.
+const SHARED_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,10 +64,48 @@ impl Redis {
         };
         cfg.pool = Some(pool_cfg);
         let pool = cfg.create_pool(Some(Runtime::Tokio1))?;
+        let client = redis::Client::open(config.url.expose())?;
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
+            client,
+            shared: Arc::new(tokio::sync::Mutex::new(None)),
         })
+    }
+
+    /// The shared multiplexed connection, connecting first if there is none:
+    /// concurrent callers' commands go out pipelined on one socket. Never use
+    /// it for blocking commands (they would stall every other caller).
+    /// After an error that broke the connection, call [`Redis::reset_shared`]
+    /// so that the next caller connects again.
+    pub async fn shared(&self) -> Result<redis::aio::MultiplexedConnection, RedisError> {
+        let mut slot = self.shared.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(SHARED_TIMEOUT))
+            .set_response_timeout(Some(SHARED_TIMEOUT));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the shared connection after `error`, if the error means the
+    /// connection is no longer usable (Redis restarted, network cut, no
+    /// reply in time); the next [`Redis::shared`] connects again.
+    pub async fn reset_shared(&self, error: &redis::RedisError) {
+        if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_timeout()
+            || error.is_unrecoverable_error()
+        {
+            *self.shared.lock().await = None;
+        }
     }
 
     /// The connection pool.

@@ -1,11 +1,15 @@
 //! The event log against the real Redis: a user's events land on one shard
 //! in order, a repeated event id is acknowledged but not appended again, a
 //! full shard refuses, and a Redis that forgot the append script is handled.
+//! Consumers share the shards of their group, deliver every entry once and
+//! in order per shard, take over a dead consumer's pending entries, and
+//! trim what every group has acknowledged.
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use hibiki_runtime::config::{RedisConfig, Secret};
-use hibiki_runtime::eventlog::{Appended, Event, EventLog};
+use hibiki_runtime::eventlog::{Appended, Consumer, ConsumerConfig, Delivery, Event, EventLog};
 use hibiki_runtime::redis::{Redis, redis};
 use hibiki_testkit::random_id;
 
@@ -124,4 +128,254 @@ async fn a_redis_that_forgot_the_script_still_takes_appends() {
         .unwrap();
     let outcomes = log.append(&[event("Ua", "e1", b"1")]).await.unwrap();
     assert!(matches!(outcomes[0], Appended::Added(_)), "{outcomes:?}");
+}
+
+fn consumer_config(group: &str, name: &str, lease_ms: u64) -> ConsumerConfig {
+    ConsumerConfig {
+        name: name.into(),
+        lease: Duration::from_millis(lease_ms),
+        batch: 7,
+        poll_interval: Duration::from_millis(5),
+        max_wait: Duration::from_millis(50),
+        ..ConsumerConfig::new(group)
+    }
+}
+
+/// Appends events `rounds` for each of `users`, in rounds (u0 #0, u1 #0,
+/// …, u0 #1, …); payloads are "user/n".
+async fn append_rounds(
+    log: &EventLog,
+    users: &[String],
+    rounds: std::ops::Range<usize>,
+    tag: &str,
+) {
+    for i in rounds {
+        let payloads: Vec<String> = users.iter().map(|u| format!("{u}/{i}")).collect();
+        let ids: Vec<String> = users.iter().map(|u| format!("{tag}-{u}-{i}")).collect();
+        let batch: Vec<Event<'_>> = users
+            .iter()
+            .zip(&payloads)
+            .zip(&ids)
+            .map(|((u, p), id)| event(u, id, p.as_bytes()))
+            .collect();
+        let outcomes = log.append(&batch).await.unwrap();
+        assert!(outcomes.iter().all(|o| matches!(o, Appended::Added(_))));
+    }
+}
+
+/// Checks that each user's payloads arrived in append order, and returns
+/// how many arrived per user.
+fn per_user_order(seen: &[String]) -> BTreeMap<String, usize> {
+    let mut next: BTreeMap<String, usize> = BTreeMap::new();
+    for p in seen {
+        let (user, n) = p.rsplit_once('/').unwrap();
+        let n: usize = n.parse().unwrap();
+        let want = next.entry(user.to_owned()).or_default();
+        assert_eq!(n, *want, "{user}'s events out of order: {seen:?}");
+        *want += 1;
+    }
+    next
+}
+
+async fn total_length(log: &EventLog) -> u64 {
+    log.stats().await.unwrap().iter().map(|s| s.length).sum()
+}
+
+/// Reads with `consumer` until `until` holds for what was seen, acking
+/// each batch; panics after 10 s.
+async fn drain(
+    consumer: &Consumer,
+    seen: &mut Vec<String>,
+    until: impl Fn(&[String]) -> bool,
+) -> Vec<Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    while !until(seen) {
+        assert!(Instant::now() < deadline, "gave up; seen {seen:?}");
+        let batch = consumer.next().await.unwrap();
+        seen.extend(
+            batch
+                .iter()
+                .map(|d| String::from_utf8(d.payload.clone()).unwrap()),
+        );
+        consumer.ack(&batch).await.unwrap();
+        all.extend(batch);
+    }
+    all
+}
+
+#[tokio::test]
+async fn two_consumers_share_the_shards_and_deliver_each_entry_once_in_order() {
+    let (log, _redis) = log(10_000);
+    let users: Vec<String> = (0..24).map(|n| format!("U{n:02}")).collect();
+    append_rounds(&log, &users, 0..5, "a").await;
+
+    let a = Consumer::start(log.clone(), consumer_config("scenario", "a", 600));
+    let b = Consumer::start(log.clone(), consumer_config("scenario", "b", 600));
+    // Both join; within a couple of lease ticks each holds half.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(a.shards().len() == 2 && b.shards().len() == 2) {
+        assert!(
+            Instant::now() < deadline,
+            "a {:?} b {:?}",
+            a.shards(),
+            b.shards()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (sa, sb): (BTreeSet<u32>, BTreeSet<u32>) = (
+        a.shards().into_iter().collect(),
+        b.shards().into_iter().collect(),
+    );
+    assert!(sa.is_disjoint(&sb), "a {sa:?} b {sb:?}");
+
+    append_rounds(&log, &users, 5..10, "b").await;
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    let total = |a: &[String], b: &[String]| a.len() + b.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while total(&seen_a, &seen_b) < 240 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 240",
+            total(&seen_a, &seen_b)
+        );
+        for (c, seen) in [(&a, &mut seen_a), (&b, &mut seen_b)] {
+            let batch = c.next().await.unwrap();
+            assert!(batch.iter().all(|d| c.shards().contains(&d.shard)));
+            seen.extend(
+                batch
+                    .iter()
+                    .map(|d| String::from_utf8(d.payload.clone()).unwrap()),
+            );
+            c.ack(&batch).await.unwrap();
+        }
+    }
+    let (per_a, per_b) = (per_user_order(&seen_a), per_user_order(&seen_b));
+    assert!(
+        per_a.keys().all(|u| !per_b.contains_key(u)),
+        "a user's events went to both consumers"
+    );
+    assert!(per_a.values().chain(per_b.values()).all(|n| *n == 10));
+    assert_eq!(per_a.len() + per_b.len(), 24);
+
+    // Everything is acknowledged: the holders trim it away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while total_length(&log).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            log.stats().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = log.stats().await.unwrap();
+    assert!(
+        stats
+            .iter()
+            .all(|s| s.groups.len() == 1 && s.groups[0].lag == 0 && s.groups[0].pending == 0),
+        "{stats:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_consumers_pending_entries_are_taken_over_first_and_in_order() {
+    let (log, redis) = log(10_000);
+    let users: Vec<String> = vec!["Ua".into()];
+    let shard = log.shard_of("1000000001", "Ua");
+    let key = log.stream_key(shard);
+    append_rounds(&log, &users, 0..6, "old").await;
+
+    // A consumer of the group read the first four entries and died before
+    // acknowledging them: its lease and heartbeat are left to run out.
+    let mut conn = redis.pool().get().await.unwrap();
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&key)
+        .arg("scenario")
+        .arg("0")
+        .query_async::<()>(&mut *conn)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("scenario")
+        .arg("dead")
+        .arg("COUNT")
+        .arg(4)
+        .arg("STREAMS")
+        .arg(&key)
+        .arg(">")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg(format!(
+            "{}:events:{{{shard}}}:lease:scenario",
+            redis.prefix()
+        ))
+        .arg("dead")
+        .arg("PX")
+        .arg(800)
+        .query_async::<()>(&mut *conn)
+        .await
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    redis::cmd("ZADD")
+        .arg(format!("{}:eventlog:consumers:scenario", redis.prefix()))
+        .arg(now_ms + 800)
+        .arg("dead")
+        .query_async::<()>(&mut *conn)
+        .await
+        .unwrap();
+
+    let survivor = Consumer::start(log.clone(), consumer_config("scenario", "survivor", 300));
+    // New events of the same user arrive while the shard is still leased.
+    append_rounds(&log, &users, 6..8, "new").await;
+    let mut seen = Vec::new();
+    let deliveries = drain(&survivor, &mut seen, |s| s.len() >= 8).await;
+    assert_eq!(
+        seen,
+        (0..8).map(|i| format!("Ua/{i}")).collect::<Vec<_>>(),
+        "the dead consumer's four, then the two it never read, then the new ones"
+    );
+    assert!(deliveries.iter().all(|d| d.shard == shard));
+    assert_eq!(survivor.shards().len(), 4, "the survivor holds every shard");
+
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(&key)
+        .arg("scenario")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0, "everything taken over was acknowledged");
+    survivor.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopped_consumer_hands_its_shards_over_at_once() {
+    let (log, _redis) = log(10_000);
+    // A long lease: only an explicit hand-over can move the shards in time.
+    let first = Consumer::start(log.clone(), consumer_config("scenario", "first", 60_000));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while first.shards().len() < 4 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let users: Vec<String> = (0..8).map(|n| format!("U{n}")).collect();
+    append_rounds(&log, &users, 0..3, "x").await;
+    let mut seen = Vec::new();
+    drain(&first, &mut seen, |s| s.len() >= 10).await;
+    first.stop().await;
+
+    let second = Consumer::start(log.clone(), consumer_config("scenario", "second", 60_000));
+    drain(&second, &mut seen, |s| s.len() >= 24).await;
+    assert_eq!(seen.len(), 24, "{seen:?}");
+    let per_user = per_user_order(&seen);
+    assert!(per_user.values().all(|n| *n == 3), "{per_user:?}");
+    second.stop().await;
 }

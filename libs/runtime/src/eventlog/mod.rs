@@ -11,9 +11,20 @@
 //!   `XADD` and the dedupe key (kept `dedupe_ttl`) together. The events of
 //!   one call go in one pipeline.
 //!
+//! - Consumers read it through [`Consumer`]: consumer groups, shards
+//!   spread over a group's live consumers by leases, at-least-once delivery
+//!   with an ack after processing, a dead consumer's unacknowledged entries
+//!   taken over by whoever takes its shards, and each shard in order.
+//! - A shard is trimmed up to the oldest entry some group still needs, so
+//!   the log holds only what is not yet consumed.
+//!
 //! Entries have one field, `p`: the caller's encoded payload.
 
+mod consumer;
+
 use std::time::Duration;
+
+pub use consumer::{Consumer, ConsumerConfig, Delivery};
 
 use crate::redis::{Redis, redis};
 
@@ -51,10 +62,65 @@ pub struct Event<'a> {
     pub payload: &'a [u8],
 }
 
-/// Why an append failed as a whole.
+/// The event log could not be reached or answered in error; nothing of the
+/// failed call can be assumed done.
 #[derive(Debug, thiserror::Error)]
 #[error("event log unavailable: {0}")]
-pub struct AppendError(String);
+pub struct EventLogError(String);
+
+impl From<redis::RedisError> for EventLogError {
+    fn from(e: redis::RedisError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<crate::redis::RedisError> for EventLogError {
+    fn from(e: crate::redis::RedisError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// One shard's figures, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStats {
+    /// The shard.
+    pub shard: u32,
+    /// Entries in its stream.
+    pub length: u64,
+    /// Per consumer group: (group, entries not yet delivered to it,
+    /// delivered but not acknowledged).
+    pub groups: Vec<GroupStats>,
+}
+
+/// A consumer group's position on one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStats {
+    /// The group's name.
+    pub group: String,
+    /// Entries appended that the group has not read yet.
+    pub lag: u64,
+    /// Entries read and not yet acknowledged.
+    pub pending: u64,
+}
+
+/// The stats script: KEYS = stream. Returns {length, {group, lag, pending}...}.
+/// `lag` is Redis's own (7.0+) when it knows it, else counted from the
+/// group's last delivered id, up to 10,000 (Redis loses count after
+/// deletions inside the unread range).
+const STATS: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local out = {redis.call('XLEN', KEYS[1])}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  local lag = f['lag']
+  if type(lag) ~= 'number' then
+    lag = #redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', 10000)
+  end
+  table.insert(out, {f['name'], lag, f['pending']})
+end
+return out
+"#;
 
 /// The sharded event log on one Redis.
 #[derive(Clone)]
@@ -110,16 +176,13 @@ impl EventLog {
     }
 
     /// Appends `events` in one pipeline; one outcome per event, in order.
-    pub async fn append(&self, events: &[Event<'_>]) -> Result<Vec<Appended>, AppendError> {
+    /// Concurrent calls share one multiplexed connection, so their
+    /// pipelines go out back to back on one socket.
+    pub async fn append(&self, events: &[Event<'_>]) -> Result<Vec<Appended>, EventLogError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self
-            .redis
-            .pool()
-            .get()
-            .await
-            .map_err(|e| AppendError(e.to_string()))?;
+        let mut conn = self.redis.shared().await?;
         let mut pipe = redis::pipe();
         for e in events {
             let shard = self.shard_of(e.channel_id, e.user_id);
@@ -134,10 +197,13 @@ impl EventLog {
                 .arg(self.dedupe_ttl.as_secs().max(1))
                 .arg(e.payload);
         }
-        let replies: Vec<String> = pipe
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| AppendError(e.to_string()))?;
+        let replies: Vec<String> = match pipe.query_async(&mut conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.redis.reset_shared(&e).await;
+                return Err(e.into());
+            }
+        };
         Ok(replies
             .into_iter()
             .map(|r| match r.as_str() {
@@ -146,6 +212,71 @@ impl EventLog {
                 _ => Appended::Added(r),
             })
             .collect())
+    }
+}
+
+impl EventLog {
+    /// Length, lag and pending entries of every shard.
+    pub async fn stats(&self) -> Result<Vec<ShardStats>, EventLogError> {
+        let mut conn = self.redis.shared().await?;
+        let mut pipe = redis::pipe();
+        for shard in 0..self.shards {
+            pipe.cmd("EVAL")
+                .arg(STATS)
+                .arg(1)
+                .arg(self.stream_key(shard));
+        }
+        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.redis.reset_shared(&e).await;
+                return Err(e.into());
+            }
+        };
+        replies
+            .into_iter()
+            .zip(0..)
+            .map(|(reply, shard)| {
+                let redis::Value::Array(mut items) = reply else {
+                    return Err(EventLogError(format!("stats of shard {shard}: {reply:?}")));
+                };
+                let length: u64 = redis::from_redis_value(items.remove(0))
+                    .map_err(|e| EventLogError(e.to_string()))?;
+                let groups = items
+                    .into_iter()
+                    .map(|g| {
+                        let (group, lag, pending): (String, u64, u64) =
+                            redis::from_redis_value(g).map_err(|e| EventLogError(e.to_string()))?;
+                        Ok(GroupStats {
+                            group,
+                            lag,
+                            pending,
+                        })
+                    })
+                    .collect::<Result<_, EventLogError>>()?;
+                Ok(ShardStats {
+                    shard,
+                    length,
+                    groups,
+                })
+            })
+            .collect()
+    }
+
+    /// The Redis the log is on.
+    pub(crate) fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// A shard's lease key for consumer group `group`.
+    pub(crate) fn lease_key(&self, shard: u32, group: &str) -> String {
+        format!("{}:events:{{{shard}}}:lease:{group}", self.redis.prefix())
+    }
+
+    /// The live consumers of group `group` (a sorted set scored by when each
+    /// one's heartbeat runs out).
+    pub(crate) fn members_key(&self, group: &str) -> String {
+        format!("{}:eventlog:consumers:{group}", self.redis.prefix())
     }
 }
 
