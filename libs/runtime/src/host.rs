@@ -63,6 +63,12 @@ pub enum HostError {
     /// The metrics server failed.
     #[error("metrics server: {0}")]
     Metrics(std::io::Error),
+    /// A service's own HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+    /// A service's own part could not be set up.
+    #[error("cannot start: {0}")]
+    Startup(String),
 }
 
 /// Completes once the service's migrations are applied (at once for a

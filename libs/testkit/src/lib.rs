@@ -228,6 +228,73 @@ async fn redis_answers(url: &str) -> bool {
         .is_ok()
 }
 
+/// One keep-alive HTTP/1.1 connection to a server of ours (the gateway's
+/// webhook port, line-sim), reconnecting when the server closed it.
+pub struct HttpConnection {
+    addr: std::net::SocketAddr,
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+}
+
+impl HttpConnection {
+    /// A connection to `addr`, opened on first use.
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self { addr, sender: None }
+    }
+
+    async fn sender(
+        &mut self,
+    ) -> std::io::Result<
+        &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    > {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(self.addr).await?;
+            stream.set_nodelay(true)?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            tokio::spawn(connection);
+            self.sender = Some(sender);
+        }
+        Ok(self.sender.as_mut().expect("just connected"))
+    }
+
+    /// POSTs `body` to `path` with `headers`; returns the status and the
+    /// body. Errors only when no answer came (connection refused or cut).
+    pub async fn post(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<bytes::Bytes>,
+    ) -> std::io::Result<(u16, String)> {
+        use http_body_util::BodyExt;
+        let mut request = http::Request::post(path).header("host", self.addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(http_body_util::Full::new(body.into()))
+            .map_err(std::io::Error::other)?;
+        let sender = self.sender().await?;
+        sender.ready().await.map_err(std::io::Error::other)?;
+        let response = match sender.send_request(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.sender = None;
+                return Err(std::io::Error::other(e));
+            }
+        };
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
 /// The service token services under test accept.
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
 
@@ -293,6 +360,7 @@ pub fn service_env(database: &TestDatabase, redis_url: Option<&str>) -> HashMap<
         ),
         ("HIBIKI_GRPC_ADDR".into(), "127.0.0.1:0".into()),
         ("HIBIKI_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+        ("HIBIKI_HTTP_ADDR".into(), "127.0.0.1:0".into()),
         ("HIBIKI_SERVICE_TOKENS".into(), SERVICE_TOKEN.into()),
         (
             "HIBIKI_OPERATOR_TOKENS".into(),

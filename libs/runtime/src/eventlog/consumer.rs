@@ -15,9 +15,10 @@
 //!   until [`Consumer::ack`]. When a consumer dies, its leases run out and
 //!   whoever takes its shards first takes over their pending entries
 //!   (`XAUTOCLAIM`, in log order) and delivers them before anything new.
-//! - **Trimming.** Lease holders trim their shards up to the oldest entry any
-//!   group still needs, so acknowledged entries leave the log and the
-//!   gateway's back-pressure measures what is really unconsumed.
+//! - **Trimming.** Each ack, and each lease tick, trims the shard up to the
+//!   oldest entry any group still needs, so acknowledged entries leave the
+//!   log and the gateway's back-pressure measures what is really
+//!   unconsumed.
 //!
 //! A caller processes one batch's deliveries of a shard in the order given
 //! and acknowledges them once their effects are durable. A batch should take
@@ -282,7 +283,8 @@ impl Consumer {
     }
 
     /// Acknowledges processed deliveries: they are not delivered again, to
-    /// this consumer or any other of its group.
+    /// this consumer or any other of its group. The shards are trimmed of
+    /// what every group has acknowledged.
     pub async fn ack(&self, deliveries: &[Delivery]) -> Result<(), EventLogError> {
         if deliveries.is_empty() {
             return Ok(());
@@ -293,11 +295,15 @@ impl Consumer {
         }
         let mut pipe = redis::pipe();
         for (shard, ids) in &by_shard {
+            let key = self.log.stream_key(*shard);
             pipe.cmd("XACK")
-                .arg(self.log.stream_key(*shard))
+                .arg(&key)
                 .arg(&self.config.group)
                 .arg(ids)
                 .ignore();
+            // Trim in the same round trip, so the shard's length (the
+            // gateway's back-pressure) follows the slowest group at once.
+            pipe.cmd("EVAL").arg(TRIM).arg(1).arg(key).ignore();
         }
         let redis = self.log.redis();
         let mut conn = redis.shared().await?;

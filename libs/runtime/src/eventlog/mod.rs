@@ -122,6 +122,49 @@ end
 return out
 "#;
 
+/// The event log's settings, read by every service that appends to or
+/// consumes it: they must agree on the number of shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLogConfig {
+    /// `HIBIKI_EVENTLOG_SHARDS`: streams the log is spread over (at least
+    /// 1). Default 16. Changing it moves users to other shards: drain the
+    /// log first.
+    pub shards: u32,
+    /// `HIBIKI_EVENTLOG_MAX_LEN`: entries a shard may hold before appends
+    /// are refused (the gateway answers 503 and LINE redelivers later).
+    /// Default 100,000.
+    pub max_len: u64,
+    /// `HIBIKI_EVENTLOG_DEDUPE_HOURS`: how long an appended event id is
+    /// remembered (at least 24: LINE redelivers for hours). Default 48.
+    pub dedupe_ttl: Duration,
+}
+
+impl EventLogConfig {
+    /// Reads the settings from `env`.
+    pub fn from_env(env: &dyn crate::Env) -> Result<Self, crate::ConfigError> {
+        let r = crate::config::Reader::new(env);
+        let hours: u64 = r.parse("HIBIKI_EVENTLOG_DEDUPE_HOURS", 48)?;
+        if hours < 24 {
+            return Err(crate::ConfigError::new(
+                "HIBIKI_EVENTLOG_DEDUPE_HOURS",
+                format!("must be at least 24 (LINE redelivers for hours), got {hours}"),
+            ));
+        }
+        let shards = r.positive("HIBIKI_EVENTLOG_SHARDS", 16)?;
+        if shards > 4096 {
+            return Err(crate::ConfigError::new(
+                "HIBIKI_EVENTLOG_SHARDS",
+                format!("must be at most 4096, got {shards}"),
+            ));
+        }
+        Ok(Self {
+            shards: shards as u32,
+            max_len: r.positive("HIBIKI_EVENTLOG_MAX_LEN", 100_000)? as u64,
+            dedupe_ttl: Duration::from_secs(hours * 3600),
+        })
+    }
+}
+
 /// The sharded event log on one Redis.
 #[derive(Clone)]
 pub struct EventLog {
@@ -141,6 +184,11 @@ impl EventLog {
             max_len,
             dedupe_ttl,
         }
+    }
+
+    /// The log on `redis` as `config` describes it.
+    pub fn from_config(redis: Redis, config: &EventLogConfig) -> Self {
+        Self::new(redis, config.shards, config.max_len, config.dedupe_ttl)
     }
 
     /// How many shards the log has.
@@ -299,5 +347,22 @@ mod tests {
             .collect();
         assert_eq!(used.len(), 8, "200 users over 8 shards use them all");
         assert!(log.stream_key(3).ends_with(":events:{3}"));
+    }
+
+    #[test]
+    fn settings_have_defaults_and_bounds() {
+        let c = EventLogConfig::from_env(&std::collections::HashMap::new()).unwrap();
+        assert_eq!(c.shards, 16);
+        assert_eq!(c.max_len, 100_000);
+        assert_eq!(c.dedupe_ttl, Duration::from_secs(48 * 3600));
+        for (var, bad) in [
+            ("HIBIKI_EVENTLOG_DEDUPE_HOURS", "23"),
+            ("HIBIKI_EVENTLOG_SHARDS", "0"),
+            ("HIBIKI_EVENTLOG_SHARDS", "5000"),
+            ("HIBIKI_EVENTLOG_MAX_LEN", "0"),
+        ] {
+            let err = EventLogConfig::from_env(&[(var, bad)]).unwrap_err();
+            assert_eq!(err.var, var, "{bad}");
+        }
     }
 }
