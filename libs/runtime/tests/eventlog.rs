@@ -31,6 +31,7 @@ fn event<'a>(user: &'a str, id: &'a str, payload: &'a [u8]) -> Event<'a> {
         channel_id: "1000000001",
         user_id: user,
         event_id: id,
+        timestamp_ms: chrono::Utc::now().timestamp_millis(),
         payload,
     }
 }
@@ -378,4 +379,48 @@ async fn a_stopped_consumer_hands_its_shards_over_at_once() {
     let per_user = per_user_order(&seen);
     assert!(per_user.values().all(|n| *n == 3), "{per_user:?}");
     second.stop().await;
+}
+
+#[tokio::test]
+async fn event_ids_are_remembered_by_the_day_of_the_event_for_the_dedupe_window() {
+    let (_, redis) = log(100);
+    let log = EventLog::new(redis.clone(), 4, 100, Duration::from_secs(48 * 3600));
+    let yesterday = chrono::Utc::now().timestamp_millis() - 86_400_000;
+    let day = yesterday.div_euclid(86_400_000);
+    let mut e = event("Ua", "e1", b"1");
+    e.timestamp_ms = yesterday;
+    assert!(matches!(
+        log.append(&[e.clone()]).await.unwrap()[0],
+        Appended::Added(_)
+    ));
+    // LINE redelivers it today, with the event's own timestamp: the same
+    // day's hash knows it.
+    assert_eq!(log.append(&[e]).await.unwrap(), [Appended::Duplicate]);
+
+    let shard = log.shard_of("1000000001", "Ua");
+    let hash = format!("{}:events:{{{shard}}}:seen:{day}", redis.prefix());
+    let mut conn = redis.pool().get().await.unwrap();
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&hash)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(fields, ["1000000001:e1"]);
+    // Kept until the window (48 h) after that day ends.
+    let expires_at: i64 = redis::cmd("EXPIRETIME")
+        .arg(&hash)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(expires_at, (day + 1) * 86_400 + 48 * 3600);
+
+    // An event stamped before the window is remembered under the day it
+    // arrived, not under a day whose hash is long gone.
+    let mut old = event("Ua", "e2", b"2");
+    old.timestamp_ms = 1_000;
+    assert!(matches!(
+        log.append(&[old.clone()]).await.unwrap()[0],
+        Appended::Added(_)
+    ));
+    assert_eq!(log.append(&[old]).await.unwrap(), [Appended::Duplicate]);
 }

@@ -210,6 +210,7 @@ async fn handle(
             channel_id,
             user_id: shard_key(e),
             event_id: &e.webhook_event_id,
+            timestamp_ms: e.timestamp_ms,
             payload,
         })
         .collect();

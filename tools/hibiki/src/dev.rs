@@ -27,6 +27,10 @@ pub struct DevArgs {
     /// First metrics port, assigned in the same order.
     #[arg(long, default_value_t = 9101, env = "HIBIKI_DEV_METRICS_PORT")]
     metrics_port: u16,
+    /// The gateway's webhook port: LINE (or line-sim) posts to
+    /// http://<host>:<port>/line/webhook/<channel id>.
+    #[arg(long, default_value_t = 8080, env = "HIBIKI_DEV_HTTP_PORT")]
+    http_port: u16,
 }
 
 /// A service started by `hibiki dev`.
@@ -111,7 +115,11 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
         );
     }
     println!(
-        "\n  PostgreSQL {}   Redis {} (key prefix {:?})",
+        "\n  LINE webhooks: http://{}/line/webhook/{{channel_id}}",
+        SocketAddr::new(args.host, args.http_port)
+    );
+    println!(
+        "  PostgreSQL {}   Redis {} (key prefix {:?})",
         postgres_location(&shared.postgres),
         redis_location(&shared.redis),
         shared.redis.key_prefix
@@ -232,9 +240,18 @@ async fn launch<S: Service>(
 ) -> Result<Running, DevError> {
     let grpc = SocketAddr::new(args.host, args.grpc_port + index);
     let metrics = SocketAddr::new(args.host, args.metrics_port + index);
+    // Each service finds the others on their dev ports.
     let env = Overlay::new(ProcessEnv)
         .set("HIBIKI_GRPC_ADDR", grpc.to_string())
-        .set("HIBIKI_METRICS_ADDR", metrics.to_string());
+        .set("HIBIKI_METRICS_ADDR", metrics.to_string())
+        .set(
+            "HIBIKI_HTTP_ADDR",
+            SocketAddr::new(args.host, args.http_port).to_string(),
+        )
+        .set(
+            "HIBIKI_CONTACTS_URL",
+            format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 1)),
+        );
     let config = S::config_from_env(&env)?;
     let name = S::DEFAULTS.name;
     let app = S::build(config)

@@ -28,6 +28,10 @@ enum Command {
     Import(import::ImportArgs),
 }
 
+/// The services' allocator, also when `hibiki dev` runs them in-process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()

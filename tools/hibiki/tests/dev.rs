@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use hibiki_testkit::{TestDatabase, free_port, random_id, wait_for_health};
+use hibiki_testkit::{HttpConnection, TestDatabase, free_port, random_id, wait_for_health};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic_health::ServingStatus;
@@ -41,9 +41,11 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
     let database = TestDatabase::reserve();
     let grpc_base = free_port_run(5);
     let metrics_base = free_port_run(5);
+    let http_port = free_port();
     let mut child = hibiki()
         .args(["dev", "--grpc-port", &grpc_base.to_string()])
         .args(["--metrics-port", &metrics_base.to_string()])
+        .args(["--http-port", &http_port.to_string()])
         .env("HIBIKI_DATABASE_URL", database.url())
         .spawn()
         .expect("hibiki starts");
@@ -87,6 +89,36 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
             printed.contains(&metrics),
             "{metrics} not printed:\n{printed}"
         );
+    }
+
+    // The demo channel's webhooks are accepted: the gateway follows the
+    // channel contacts registered.
+    let webhooks = format!("http://127.0.0.1:{http_port}/line/webhook/{{channel_id}}");
+    assert!(
+        printed.contains(&webhooks),
+        "{webhooks} not printed:\n{printed}"
+    );
+    let body = br#"{"destination":"Ubot","events":[{"type":"follow","mode":"active","timestamp":1767000000000,"webhookEventId":"01JDEVTEST0000000000000001","deliveryContext":{"isRedelivery":false},"source":{"type":"user","userId":"Udev"},"replyToken":"r","follow":{"isUnblocked":false}}]}"#;
+    let signature = hibiki_gateway::line::sign(b"demo-channel-secret", body);
+    let mut conn = HttpConnection::new(([127, 0, 0, 1], http_port).into());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, text) = conn
+            .post(
+                "/line/webhook/1000000001",
+                &[(hibiki_gateway::line::SIGNATURE_HEADER, &signature)],
+                body.to_vec(),
+            )
+            .await
+            .expect("the gateway answers");
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo channel's webhook got {status} {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     let pid = child.id().unwrap().to_string();

@@ -5,12 +5,21 @@
 //!   order; shards spread the load, and each shard's keys carry a hash tag
 //!   (`…:events:{N}`) so that under Redis Cluster a shard's stream and its
 //!   dedupe keys live in one slot.
-//! - An append is one Lua script per event, atomic on its shard: an event id
-//!   seen before is acknowledged and not appended again (`Duplicate`); a
-//!   shard at its maximum length refuses (`Full`, back-pressure); otherwise
-//!   `XADD` and the dedupe key (kept `dedupe_ttl`) together. The events of
-//!   one call go in one pipeline.
-//!
+//! - Appends are Lua scripts, atomic on their shard: an event id seen
+//!   before is acknowledged and not appended again (`Duplicate`); a shard
+//!   at its maximum length refuses (`Full`, back-pressure); otherwise the
+//!   event is appended and its id remembered, together.
+//! - Event ids are remembered in one hash per shard and day of the event's
+//!   own timestamp (`…:events:{N}:seen:<day>`), kept until `dedupe_ttl`
+//!   after that day ends. A redelivery carries the same timestamp, so it
+//!   meets its id in the same hash; a hash field costs far less memory than
+//!   a key with its own expiry, at a storm's millions of events a day.
+//! - Appends from concurrent callers are coalesced: one writer task takes
+//!   whatever calls are waiting, groups their events by shard (keeping each
+//!   shard's order) and runs one script per shard (by hash, `EVALSHA`), all
+//!   in one pipeline, with at most two pipelines in flight. Under load one
+//!   round trip to Redis carries many webhooks' events; when idle, a call
+//!   goes out at once.
 //! - Consumers read it through [`Consumer`]: consumer groups, shards
 //!   spread over a group's live consumers by leases, at-least-once delivery
 //!   with an ack after processing, a dead consumer's unacknowledged entries
@@ -22,21 +31,44 @@
 
 mod consumer;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use consumer::{Consumer, ConsumerConfig, Delivery};
 
 use crate::redis::{Redis, redis};
 
-/// The append script: KEYS = stream, dedupe key; ARGV = max length,
-/// dedupe ttl in seconds, payload. Returns the entry id, "dup" or "full".
+/// The append script, for one shard. KEYS = stream, then the dedupe
+/// hashes; ARGV = max length, number of hashes, each hash's expiry (Unix
+/// seconds), then per event: hash index (1-based), dedupe field, payload.
+/// Returns per event the entry id, "dup" or "full".
 const APPEND: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup' end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'full' end
-local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[3])
-redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[2]))
-return id
+local len = redis.call('XLEN', KEYS[1])
+local max = tonumber(ARGV[1])
+local hashes = tonumber(ARGV[2])
+local out = {}
+local touched = {}
+for i = 3 + hashes, #ARGV, 3 do
+  local h = tonumber(ARGV[i])
+  if len >= max then
+    out[#out + 1] = 'full'
+  elseif redis.call('HSETNX', KEYS[1 + h], ARGV[i + 1], 1) == 0 then
+    out[#out + 1] = 'dup'
+  else
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'p', ARGV[i + 2])
+    len = len + 1
+    touched[h] = true
+  end
+end
+for h, _ in pairs(touched) do
+  redis.call('EXPIREAT', KEYS[1 + h], ARGV[2 + h], 'NX')
+end
+return out
 "#;
+
+const DAY_MS: i64 = 86_400_000;
 
 /// What happened to one appended event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +90,10 @@ pub struct Event<'a> {
     pub user_id: &'a str,
     /// The dedupe key within the channel (LINE's `webhookEventId`).
     pub event_id: &'a str,
+    /// When the event happened (LINE's `timestamp`, ms since the epoch):
+    /// picks the day whose dedupe hash remembers it. Out of range (before
+    /// the dedupe window, more than a day ahead): the receive time is used.
+    pub timestamp_ms: i64,
     /// The encoded entry.
     pub payload: &'a [u8],
 }
@@ -70,6 +106,12 @@ pub struct EventLogError(String);
 
 impl From<redis::RedisError> for EventLogError {
     fn from(e: redis::RedisError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<&redis::RedisError> for EventLogError {
+    fn from(e: &redis::RedisError) -> Self {
         Self(e.to_string())
     }
 }
@@ -172,7 +214,30 @@ pub struct EventLog {
     shards: u32,
     max_len: u64,
     dedupe_ttl: Duration,
+    /// The writer task's queue, started by the first append.
+    writer: Arc<OnceLock<mpsc::Sender<Pending>>>,
 }
+
+/// One caller's appends, waiting for the writer.
+struct Pending {
+    events: Vec<Item>,
+    reply: oneshot::Sender<Result<Vec<Appended>, EventLogError>>,
+}
+
+/// One event, ready for its shard's script.
+struct Item {
+    shard: u32,
+    /// The day (since the epoch) whose dedupe hash remembers it.
+    day: i64,
+    /// `<channel>:<event id>`.
+    field: String,
+    payload: Vec<u8>,
+}
+
+/// The most events the writer puts in one pipeline.
+const MAX_PIPELINE: usize = 512;
+/// Pipelines the writer has in flight at once.
+const IN_FLIGHT: usize = 2;
 
 impl EventLog {
     /// The log on `redis` with `shards` streams, each refusing appends at
@@ -183,6 +248,7 @@ impl EventLog {
             shards: shards.max(1),
             max_len,
             dedupe_ttl,
+            writer: Arc::default(),
         }
     }
 
@@ -216,50 +282,207 @@ impl EventLog {
         format!("{}:events:{{{shard}}}", self.redis.prefix())
     }
 
-    fn dedupe_key(&self, shard: u32, channel_id: &str, event_id: &str) -> String {
-        format!(
-            "{}:events:{{{shard}}}:seen:{channel_id}:{event_id}",
-            self.redis.prefix()
-        )
+    /// The dedupe hash of shard `shard` for events of day `day`.
+    fn dedupe_key(&self, shard: u32, day: i64) -> String {
+        format!("{}:events:{{{shard}}}:seen:{day}", self.redis.prefix())
     }
 
-    /// Appends `events` in one pipeline; one outcome per event, in order.
-    /// Concurrent calls share one multiplexed connection, so their
-    /// pipelines go out back to back on one socket.
+    /// The day whose dedupe hash remembers an event of `timestamp_ms`.
+    fn dedupe_day(&self, timestamp_ms: i64, now_ms: i64) -> i64 {
+        let window = self.dedupe_ttl.as_millis() as i64;
+        let ts = if (now_ms - window..=now_ms + DAY_MS).contains(&timestamp_ms) {
+            timestamp_ms
+        } else {
+            now_ms
+        };
+        ts.div_euclid(DAY_MS)
+    }
+
+    /// Appends `events`; one outcome per event, in order. Concurrent calls
+    /// share the writer's pipelines (see the module's documentation).
     pub async fn append(&self, events: &[Event<'_>]) -> Result<Vec<Appended>, EventLogError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.redis.shared().await?;
-        let mut pipe = redis::pipe();
-        for e in events {
-            let shard = self.shard_of(e.channel_id, e.user_id);
-            // EVAL, not EVALSHA: Redis caches the compiled script by its
-            // hash, and a restarted Redis needs nothing loaded again.
-            pipe.cmd("EVAL")
-                .arg(APPEND)
-                .arg(2)
-                .arg(self.stream_key(shard))
-                .arg(self.dedupe_key(shard, e.channel_id, e.event_id))
-                .arg(self.max_len)
-                .arg(self.dedupe_ttl.as_secs().max(1))
-                .arg(e.payload);
-        }
-        let replies: Vec<String> = match pipe.query_async(&mut conn).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.redis.reset_shared(&e).await;
-                return Err(e.into());
-            }
-        };
-        Ok(replies
-            .into_iter()
-            .map(|r| match r.as_str() {
-                "dup" => Appended::Duplicate,
-                "full" => Appended::Full,
-                _ => Appended::Added(r),
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let events = events
+            .iter()
+            .map(|e| Item {
+                shard: self.shard_of(e.channel_id, e.user_id),
+                day: self.dedupe_day(e.timestamp_ms, now_ms),
+                field: format!("{}:{}", e.channel_id, e.event_id),
+                payload: e.payload.to_vec(),
             })
-            .collect())
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        let writer = self.writer.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(4096);
+            tokio::spawn(write_appends(self.clone(), rx));
+            tx
+        });
+        writer
+            .send(Pending { events, reply })
+            .await
+            .map_err(|_| EventLogError("the event log writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| EventLogError("the event log writer stopped".into()))?
+    }
+
+    /// One pipeline for `batch`: a script per shard with that shard's
+    /// events in order. Returns the pipeline and, per script, which
+    /// (caller, event) each of its replies belongs to.
+    fn pipeline(&self, batch: &[Pending]) -> (redis::Pipeline, Vec<Vec<(usize, usize)>>) {
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<(usize, usize)>> =
+            std::collections::BTreeMap::new();
+        for (caller, p) in batch.iter().enumerate() {
+            for (index, item) in p.events.iter().enumerate() {
+                by_shard
+                    .entry(item.shard)
+                    .or_default()
+                    .push((caller, index));
+            }
+        }
+        let ttl = self.dedupe_ttl.as_secs() as i64;
+        let mut pipe = redis::pipe();
+        let mut owners = Vec::with_capacity(by_shard.len());
+        for (shard, members) in by_shard {
+            let mut days: Vec<i64> = members
+                .iter()
+                .map(|&(c, i)| batch[c].events[i].day)
+                .collect();
+            days.sort_unstable();
+            days.dedup();
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(append_script_hash())
+                .arg(1 + days.len())
+                .arg(self.stream_key(shard));
+            for day in &days {
+                cmd.arg(self.dedupe_key(shard, *day));
+            }
+            cmd.arg(self.max_len).arg(days.len());
+            for day in &days {
+                cmd.arg((day + 1) * (DAY_MS / 1000) + ttl);
+            }
+            for &(c, i) in &members {
+                let item = &batch[c].events[i];
+                let h = days.binary_search(&item.day).expect("every day is listed") + 1;
+                cmd.arg(h).arg(&item.field).arg(&item.payload);
+            }
+            owners.push(members);
+        }
+        (pipe, owners)
+    }
+}
+
+/// The append script's SHA-1, as `EVALSHA` names it.
+fn append_script_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        use sha1::Digest;
+        sha1::Sha1::digest(APPEND.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
+}
+
+/// The writer: takes every call waiting (up to [`MAX_PIPELINE`] events),
+/// sends them in one pipeline, and answers each caller with its part of
+/// the replies. Ends when every [`EventLog`] clone but its own is gone.
+async fn write_appends(log: EventLog, mut queue: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let mut events = first.events.len();
+        let mut batch = vec![first];
+        while events < MAX_PIPELINE {
+            match queue.try_recv() {
+                Ok(p) => {
+                    events += p.events.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (pipe, owners) = log.pipeline(&batch);
+        let redis = log.redis.clone();
+        tokio::spawn(async move {
+            let result = run_appends(&redis, &pipe).await;
+            drop(slot);
+            answer(batch, &owners, result);
+        });
+    }
+}
+
+/// Hands each caller of `batch` its outcomes from the scripts' replies.
+fn answer(
+    batch: Vec<Pending>,
+    owners: &[Vec<(usize, usize)>],
+    result: Result<Vec<Vec<String>>, EventLogError>,
+) {
+    let mut answers: Vec<Vec<Appended>> = batch
+        .iter()
+        .map(|p| vec![Appended::Full; p.events.len()])
+        .collect();
+    let result = result.and_then(|scripts| {
+        if scripts.len() != owners.len()
+            || scripts.iter().zip(owners).any(|(r, m)| r.len() != m.len())
+        {
+            return Err(EventLogError(
+                "the append scripts answered for other events than sent".into(),
+            ));
+        }
+        for (replies, members) in scripts.into_iter().zip(owners) {
+            for (reply, &(c, i)) in replies.into_iter().zip(members) {
+                answers[c][i] = match reply.as_str() {
+                    "dup" => Appended::Duplicate,
+                    "full" => Appended::Full,
+                    _ => Appended::Added(reply),
+                };
+            }
+        }
+        Ok(())
+    });
+    for (p, outcomes) in batch.into_iter().zip(answers) {
+        let _ = p.reply.send(match &result {
+            Ok(()) => Ok(outcomes),
+            Err(e) => Err(EventLogError(e.0.clone())),
+        });
+    }
+}
+
+/// Runs a pipeline of append scripts; loads the script and runs it again
+/// when Redis does not know it (restarted, or `SCRIPT FLUSH`): every
+/// script of the pipeline failed alike then, so nothing ran twice.
+async fn run_appends(
+    redis: &Redis,
+    pipe: &redis::Pipeline,
+) -> Result<Vec<Vec<String>>, EventLogError> {
+    let mut conn = redis.shared().await?;
+    let mut replies: Result<Vec<Vec<String>>, redis::RedisError> =
+        pipe.query_async(&mut conn).await;
+    if matches!(&replies, Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into()) {
+        let loaded: Result<String, _> = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(APPEND)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = loaded {
+            redis.reset_shared(&e).await;
+            return Err(e.into());
+        }
+        replies = pipe.query_async(&mut conn).await;
+    }
+    match replies {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            redis.reset_shared(&e).await;
+            Err(e.into())
+        }
     }
 }
 
