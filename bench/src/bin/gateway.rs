@@ -67,10 +67,6 @@ struct Args {
     /// The paced phase's rate as a fraction of the gateway's maximum.
     #[arg(long, default_value_t = 0.7)]
     load: f64,
-    /// The gateway's log filter (`HIBIKI_LOG`); production runs at info,
-    /// where each webhook's span carries its trace context into the log.
-    #[arg(long, default_value = "info")]
-    gateway_log: String,
     /// Internal: serve the no-op handler on this port (the ceiling).
     #[arg(long, hide = true)]
     serve_noop: Option<u16>,
@@ -284,9 +280,9 @@ async fn main() {
     env.insert("HIBIKI_EVENTLOG_SHARDS".into(), SHARDS.to_string());
     // No back-pressure during the bench: nothing consumes the log.
     env.insert("HIBIKI_EVENTLOG_MAX_LEN".into(), "100000000".into());
-    // The gateway logs as in production (info): its per-webhook span, which
+    // The gateway logs as in production (info); its per-webhook span, which
     // carries the trace context into the log, is part of what is measured.
-    env.insert("HIBIKI_LOG".into(), args.gateway_log.clone());
+    env.insert("HIBIKI_LOG".into(), "info".into());
     let gateway = ServiceProcess::spawn(&release.join("hibiki-gateway"), env.clone());
     hibiki_testkit::wait_for_health(&gateway.url, tonic_health::ServingStatus::Serving).await;
 
@@ -346,14 +342,25 @@ async fn main() {
         )
         .await,
     );
+    let redis_pid = redis_pid(&env["HIBIKI_REDIS_URL"]).await;
+    let cpu = || (cpu_seconds(gateway.pid()), cpu_seconds(redis_pid));
+    let per_webhook = |before: (f64, f64), after: (f64, f64), n: u64| {
+        let n = n.max(1) as f64;
+        (
+            (after.0 - before.0) * 1e6 / n,
+            (after.1 - before.1) * 1e6 / n,
+        )
+    };
     let mut ceilings = Vec::new();
     let mut maxima = Vec::new();
     for round in 1..=args.rounds.max(1) {
         let c = load(noop_addr, args.connections, seconds, None, next.clone()).await;
+        let before = cpu();
         let g = load(gateway_addr, args.connections, seconds, None, next.clone()).await;
+        let (gw, rd) = per_webhook(before, cpu(), g.ok);
         count(&g);
         println!(
-            "round {round}: ceiling {:.0}/s, gateway {:.0}/s ({:.2})",
+            "round {round}: ceiling {:.0}/s, gateway {:.0}/s ({:.2}); CPU per webhook: gateway {gw:.1} µs, Redis {rd:.1} µs",
             c.per_second,
             g.per_second,
             g.per_second / c.per_second
@@ -364,8 +371,7 @@ async fn main() {
     let ceiling = median(ceilings);
     let max = median(maxima);
     let rate = max.per_second * args.load;
-    let redis_pid = redis_pid(&env["HIBIKI_REDIS_URL"]).await;
-    let cpu_before = (cpu_seconds(gateway.pid()), cpu_seconds(redis_pid));
+    let cpu_before = cpu();
     let paced = load(
         gateway_addr,
         args.paced_connections,
@@ -374,7 +380,7 @@ async fn main() {
         next.clone(),
     )
     .await;
-    let cpu_after = (cpu_seconds(gateway.pid()), cpu_seconds(redis_pid));
+    let cpu_after = cpu();
     count(&paced);
 
     println!("| server | requests/s | p50 | p99 | 200 | other |");
@@ -389,12 +395,10 @@ async fn main() {
         "\ngateway / ceiling throughput: {:.2}",
         max.per_second / ceiling.per_second
     );
-    let per_webhook = |before: f64, after: f64| (after - before) * 1e6 / paced.ok.max(1) as f64;
+    let (gw, rd) = per_webhook(cpu_before, cpu_after, paced.ok);
     println!(
-        "CPU per webhook at {:.0} %: gateway {:.1} µs, Redis {:.1} µs",
+        "CPU per webhook at {:.0} %: gateway {gw:.1} µs, Redis {rd:.1} µs",
         args.load * 100.0,
-        per_webhook(cpu_before.0, cpu_after.0),
-        per_webhook(cpu_before.1, cpu_after.1)
     );
 
     // Exactly one log entry per accepted webhook.

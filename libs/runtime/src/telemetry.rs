@@ -85,7 +85,12 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = tracer_provider(config)?;
     let tracer = provider.tracer("hibiki");
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Spans at info and above always reach the OpenTelemetry layer, whatever
+    // HIBIKI_LOG says: trace context must flow from hop to hop even when the
+    // logs are turned down to warnings. HIBIKI_LOG filters the logs only.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match config.log_format {
         LogFormat::Json => true,
@@ -99,16 +104,17 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed()
     };
     tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        .with(filter)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInitialised)?;
     Ok(TelemetryGuard { provider })

@@ -619,3 +619,53 @@ async fn metrics_count_outcomes_dedupe_hits_and_shard_lengths() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn the_binary_continues_the_callers_trace_into_the_log_even_with_logs_at_warn() {
+    let mesh = Mesh::start().await;
+    let mut env = mesh.env.clone();
+    let http = SocketAddr::from(([127, 0, 0, 1], hibiki_testkit::free_port()));
+    env.insert("HIBIKI_HTTP_ADDR".into(), http.to_string());
+    env.insert("HIBIKI_LOG".into(), "warn".into());
+    let _gateway = hibiki_testkit::ServiceProcess::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_hibiki-gateway")),
+        env,
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let body = postback("Ua", "01JTRACE00000000000000001", "x", false);
+    let signature = line::sign(SECRET.as_bytes(), &body);
+    let mut conn = HttpConnection::new(http);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = conn
+            .post(
+                &format!("/line/webhook/{CHANNEL}"),
+                &[
+                    (line::SIGNATURE_HEADER, &signature),
+                    ("traceparent", &traceparent),
+                ],
+                body.clone(),
+            )
+            .await;
+        if matches!(answer, Ok((200, _))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the binary never accepted: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = mesh.consume("trace", 1).await;
+    assert_eq!(events.len(), 1);
+    let trace = events[0].1.trace.clone().unwrap_or_default();
+    assert!(
+        trace.traceparent.starts_with(&format!("00-{trace_id}-")),
+        "the event's trace context {trace:?} does not continue the caller's trace"
+    );
+    assert!(
+        !trace.traceparent.ends_with("00f067aa0ba902b7-01"),
+        "the gateway's own span is the parent of what follows"
+    );
+}
