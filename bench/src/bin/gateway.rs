@@ -283,6 +283,17 @@ async fn main() {
     // The gateway logs as in production (info); its per-webhook span, which
     // carries the trace context into the log, is part of what is measured.
     env.insert("HIBIKI_LOG".into(), "info".into());
+    // Settings given to the bench for the gateway (HIBIKI_WEBHOOK_*,
+    // HIBIKI_EVENTLOG_*) reach it; HIBIKI_BENCH_GATEWAY_WORKERS sets its
+    // tokio worker threads (default: one per core).
+    for (k, v) in std::env::vars()
+        .filter(|(k, _)| k.starts_with("HIBIKI_WEBHOOK_") || k.starts_with("HIBIKI_EVENTLOG_"))
+    {
+        env.insert(k, v);
+    }
+    if let Ok(workers) = std::env::var("HIBIKI_BENCH_GATEWAY_WORKERS") {
+        env.insert("TOKIO_WORKER_THREADS".into(), workers);
+    }
     let gateway = ServiceProcess::spawn(&release.join("hibiki-gateway"), env.clone());
     hibiki_testkit::wait_for_health(&gateway.url, tonic_health::ServingStatus::Serving).await;
 
@@ -408,7 +419,10 @@ async fn main() {
         pool_size: 1,
     })
     .expect("a Redis pool");
-    let log = EventLog::new(redis.clone(), SHARDS, 0, Duration::from_secs(1));
+    let shards: u32 = env["HIBIKI_EVENTLOG_SHARDS"]
+        .parse()
+        .expect("a shard count");
+    let log = EventLog::new(redis.clone(), shards, 0, Duration::from_secs(1));
     let entries: u64 = log
         .stats()
         .await

@@ -18,6 +18,8 @@ use hibiki_proto::common::v1::{
     VideoPlayCompleteEvent,
 };
 use hmac::{Hmac, KeyInit, Mac};
+use std::borrow::Cow;
+
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::Sha256;
@@ -136,31 +138,127 @@ fn user_ids_at(v: &Value, path: &[&str]) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What every event has, read straight from the event's JSON without a
+/// tree of it (this runs for every webhook). The type's own object stays
+/// raw, and only it is read into a tree.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Head<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    timestamp: i64,
+    #[serde(borrow, default)]
+    mode: Cow<'a, str>,
+    #[serde(borrow, default)]
+    webhook_event_id: Cow<'a, str>,
+    #[serde(default)]
+    delivery_context: DeliveryContext,
+    #[serde(borrow, default)]
+    source: Option<SourceJson<'a>>,
+    #[serde(borrow, default)]
+    reply_token: Cow<'a, str>,
+    // Each type's own object, under the key LINE puts it.
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    unsend: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    follow: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    joined: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    left: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    postback: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    video_play_complete: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    beacon: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    link: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    membership: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    module: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    chat_control: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    delivery: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryContext {
+    #[serde(default)]
+    is_redelivery: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SourceJson<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    group_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    room_id: Cow<'a, str>,
+}
+
+impl Head<'_> {
+    /// The type's own object, as `{"<key>": {...}}` (empty when absent),
+    /// for the readers below, which look it up by key.
+    fn content(&self, kind: &str) -> Result<Value, String> {
+        let (key, raw) = match kind {
+            "message" | "messageEdited" => ("message", self.message),
+            "unsend" => ("unsend", self.unsend),
+            "follow" => ("follow", self.follow),
+            "memberJoined" => ("joined", self.joined),
+            "memberLeft" => ("left", self.left),
+            "postback" => ("postback", self.postback),
+            "videoPlayComplete" => ("videoPlayComplete", self.video_play_complete),
+            "beacon" => ("beacon", self.beacon),
+            "accountLink" => ("link", self.link),
+            "membership" => ("membership", self.membership),
+            "module" => ("module", self.module),
+            "activated" => ("chatControl", self.chat_control),
+            "delivery" => ("delivery", self.delivery),
+            _ => return Ok(Value::Null),
+        };
+        let mut root = serde_json::Map::new();
+        if let Some(raw) = raw {
+            let inner: Value =
+                serde_json::from_str(raw.get()).map_err(|e| format!("{key}: {e}"))?;
+            root.insert(key.to_owned(), inner);
+        }
+        Ok(Value::Object(root))
+    }
+}
+
 fn parse_event(raw: &RawValue, destination: &str) -> Result<InboundEvent, String> {
-    let v: Value = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
-    if !v.is_object() {
+    if !raw.get().starts_with('{') {
         return Err("is not an object".into());
     }
-    let kind = v
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or("has no type")?
-        .to_owned();
-    let webhook_event_id = str_at(&v, &["webhookEventId"]).to_owned();
-    if webhook_event_id.is_empty() {
+    let head: Head<'_> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+    let kind = head.kind.as_deref().ok_or("has no type")?.to_owned();
+    if head.webhook_event_id.is_empty() {
         return Err("has no webhookEventId".into());
     }
-    let source = v.get("source").map(|s| Source {
-        r#type: match str_at(s, &["type"]) {
+    let webhook_event_id = head.webhook_event_id.clone().into_owned();
+    let source = head.source.as_ref().map(|s| Source {
+        r#type: match s.kind.as_ref() {
             "user" => SourceType::User,
             "group" => SourceType::Group,
             "room" => SourceType::Room,
             _ => SourceType::Unspecified,
         } as i32,
-        user_id: str_at(s, &["userId"]).to_owned(),
-        group_id: str_at(s, &["groupId"]).to_owned(),
-        room_id: str_at(s, &["roomId"]).to_owned(),
+        user_id: s.user_id.clone().into_owned(),
+        group_id: s.group_id.clone().into_owned(),
+        room_id: s.room_id.clone().into_owned(),
     });
+    let v = head.content(&kind)?;
     let payload = match kind.as_str() {
         "message" => Payload::Message(MessageEvent {
             message: Some(message(&v)),
@@ -239,17 +337,15 @@ fn parse_event(raw: &RawValue, destination: &str) -> Result<InboundEvent, String
         destination: destination.to_owned(),
         webhook_event_id,
         r#type: kind,
-        timestamp_ms: i64_at(&v, &["timestamp"]),
-        mode: match str_at(&v, &["mode"]) {
+        timestamp_ms: head.timestamp,
+        mode: match head.mode.as_ref() {
             "active" => EventMode::Active,
             "standby" => EventMode::Standby,
             _ => EventMode::Unspecified,
         } as i32,
-        is_redelivery: at(&v, &["deliveryContext", "isRedelivery"])
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        is_redelivery: head.delivery_context.is_redelivery,
         source,
-        reply_token: str_at(&v, &["replyToken"]).to_owned(),
+        reply_token: head.reply_token.into_owned(),
         raw: raw.get().as_bytes().to_vec(),
         payload: Some(payload),
         ..Default::default()
@@ -394,6 +490,33 @@ mod tests {
                 message: "has no webhookEventId".into()
             })
         );
+        let Err(ParseError::Event { index: 1, message }) = parse(
+            br#"{"events":[{"type":"follow","webhookEventId":"a"},{"type":"follow","webhookEventId":"b","timestamp":"soon"}]}"#,
+        ) else {
+            panic!("a timestamp that is not a number is refused");
+        };
+        assert!(message.contains("invalid type"), "{message}");
+        assert_eq!(
+            parse(br#"{"events":[7]}"#),
+            Err(ParseError::Event {
+                index: 0,
+                message: "is not an object".into()
+            })
+        );
+        // A type's own object is read leniently (LINE adds to it): a field of
+        // an unexpected shape reads as empty; only its JSON must be valid.
+        let lenient = parse(
+            br#"{"events":[{"type":"postback","webhookEventId":"a","postback":{"data":1}}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            &lenient.events[0].payload,
+            Some(Payload::Postback(p)) if p.data.is_empty()
+        ));
+    }
+
+    #[test]
+    fn an_empty_event_list_is_a_webhook() {
         let empty = parse(br#"{"destination":"U0","events":[]}"#).unwrap();
         assert!(empty.events.is_empty());
     }

@@ -190,7 +190,6 @@ async fn handle(
     if webhook.events.is_empty() {
         return accepted("empty");
     }
-    tracing::Span::current().record("events", webhook.events.len());
     let trace = telemetry::current_trace_context();
     let entries: Vec<(InboundEvent, Vec<u8>)> = webhook
         .events
