@@ -110,7 +110,12 @@ fn answer(status: StatusCode, error: &'static str, message: &str) -> Response {
 
 fn accepted(outcome: &'static str) -> Response {
     metrics::counter!("hibiki_gateway_webhooks_total", "outcome" => outcome).increment(1);
-    (StatusCode::OK, axum::Json(serde_json::json!({}))).into_response()
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        "{}",
+    )
+        .into_response()
 }
 
 async fn receive(
@@ -235,9 +240,15 @@ async fn handle(
             Appended::Full => refused += 1,
         }
     }
-    metrics::counter!("hibiki_gateway_events_total", "result" => "appended").increment(added);
-    metrics::counter!("hibiki_gateway_events_total", "result" => "duplicate").increment(duplicates);
-    metrics::counter!("hibiki_gateway_events_total", "result" => "refused").increment(refused);
+    for (result, n) in [
+        ("appended", added),
+        ("duplicate", duplicates),
+        ("refused", refused),
+    ] {
+        if n > 0 {
+            metrics::counter!("hibiki_gateway_events_total", "result" => result).increment(n);
+        }
+    }
     if refused > 0 {
         tracing::warn!(
             refused,
