@@ -15,11 +15,13 @@
 //!   meets its id in the same hash; a hash field costs far less memory than
 //!   a key with its own expiry, at a storm's millions of events a day.
 //! - Appends from concurrent callers are coalesced: one writer task takes
-//!   whatever calls are waiting, groups their events by shard (keeping each
-//!   shard's order) and runs one script per shard (by hash, `EVALSHA`), all
-//!   in one pipeline, with at most two pipelines in flight. Under load one
-//!   round trip to Redis carries many webhooks' events; when idle, a call
-//!   goes out at once.
+//!   whatever calls are waiting and runs them as one pipeline (at most two
+//!   in flight) of scripts (by hash, `EVALSHA`): one script for all on a
+//!   single Redis, one per shard under Redis Cluster, where a script may
+//!   only touch one hash slot. Each shard's events keep their order. Under
+//!   load one round trip, and one script entry, carries many webhooks'
+//!   events (entering a script costs Redis more than the appends in it);
+//!   when idle, a call goes out at once.
 //! - Consumers read it through [`Consumer`]: consumer groups, shards
 //!   spread over a group's live consumers by leases, at-least-once delivery
 //!   with an ack after processing, a dead consumer's unacknowledged entries
@@ -40,30 +42,35 @@ pub use consumer::{Consumer, ConsumerConfig, Delivery};
 
 use crate::redis::{Redis, redis};
 
-/// The append script, for one shard. KEYS = stream, then the dedupe
-/// hashes; ARGV = max length, number of hashes, each hash's expiry (Unix
-/// seconds), then per event: hash index (1-based), dedupe field, payload.
-/// Returns per event the entry id, "dup" or "full".
+/// The append script. KEYS = the streams, then the dedupe hashes; ARGV =
+/// max length, number of streams, number of hashes, each hash's expiry
+/// (Unix seconds), then per event: stream index, hash index (both 1-based
+/// within their kind), dedupe field, payload. Returns per event the entry
+/// id, "dup" or "full". Under Redis Cluster a call carries one shard (one
+/// hash slot); on a single Redis, every shard of a pipeline at once.
 const APPEND: &str = r#"
-local len = redis.call('XLEN', KEYS[1])
 local max = tonumber(ARGV[1])
-local hashes = tonumber(ARGV[2])
+local streams = tonumber(ARGV[2])
+local hashes = tonumber(ARGV[3])
+local len = {}
 local out = {}
 local touched = {}
-for i = 3 + hashes, #ARGV, 3 do
-  local h = tonumber(ARGV[i])
-  if len >= max then
+for i = 4 + hashes, #ARGV, 4 do
+  local s = tonumber(ARGV[i])
+  local h = streams + tonumber(ARGV[i + 1])
+  if len[s] == nil then len[s] = redis.call('XLEN', KEYS[s]) end
+  if len[s] >= max then
     out[#out + 1] = 'full'
-  elseif redis.call('HSETNX', KEYS[1 + h], ARGV[i + 1], 1) == 0 then
+  elseif redis.call('HSETNX', KEYS[h], ARGV[i + 2], 1) == 0 then
     out[#out + 1] = 'dup'
   else
-    out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'p', ARGV[i + 2])
-    len = len + 1
+    out[#out + 1] = redis.call('XADD', KEYS[s], '*', 'p', ARGV[i + 3])
+    len[s] = len[s] + 1
     touched[h] = true
   end
 end
 for h, _ in pairs(touched) do
-  redis.call('EXPIREAT', KEYS[1 + h], ARGV[2 + h], 'NX')
+  redis.call('EXPIREAT', KEYS[h], ARGV[3 + h - streams], 'NX')
 end
 return out
 "#;
@@ -329,46 +336,62 @@ impl EventLog {
             .map_err(|_| EventLogError("the event log writer stopped".into()))?
     }
 
-    /// One pipeline for `batch`: a script per shard with that shard's
-    /// events in order. Returns the pipeline and, per script, which
-    /// (caller, event) each of its replies belongs to.
-    fn pipeline(&self, batch: &[Pending]) -> (redis::Pipeline, Vec<Vec<(usize, usize)>>) {
-        let mut by_shard: std::collections::BTreeMap<u32, Vec<(usize, usize)>> =
+    /// One pipeline for `batch`: one script per shard under Redis Cluster
+    /// (`per_shard`), else one script for all, each shard's events in
+    /// order. Returns the pipeline and, per script, which (caller, event)
+    /// each of its replies belongs to.
+    fn pipeline(
+        &self,
+        batch: &[Pending],
+        per_shard: bool,
+    ) -> (redis::Pipeline, Vec<Vec<(usize, usize)>>) {
+        let mut groups: std::collections::BTreeMap<u32, Vec<(usize, usize)>> =
             std::collections::BTreeMap::new();
         for (caller, p) in batch.iter().enumerate() {
             for (index, item) in p.events.iter().enumerate() {
-                by_shard
-                    .entry(item.shard)
-                    .or_default()
-                    .push((caller, index));
+                let group = if per_shard { item.shard } else { 0 };
+                groups.entry(group).or_default().push((caller, index));
             }
         }
         let ttl = self.dedupe_ttl.as_secs() as i64;
         let mut pipe = redis::pipe();
-        let mut owners = Vec::with_capacity(by_shard.len());
-        for (shard, members) in by_shard {
-            let mut days: Vec<i64> = members
+        let mut owners = Vec::with_capacity(groups.len());
+        for members in groups.into_values() {
+            let item = |&(c, i): &(usize, usize)| &batch[c].events[i];
+            let mut shards: Vec<u32> = members.iter().map(|m| item(m).shard).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            let mut hashes: Vec<(u32, i64)> = members
                 .iter()
-                .map(|&(c, i)| batch[c].events[i].day)
+                .map(|m| (item(m).shard, item(m).day))
                 .collect();
-            days.sort_unstable();
-            days.dedup();
+            hashes.sort_unstable();
+            hashes.dedup();
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(append_script_hash())
-                .arg(1 + days.len())
-                .arg(self.stream_key(shard));
-            for day in &days {
-                cmd.arg(self.dedupe_key(shard, *day));
+                .arg(shards.len() + hashes.len());
+            for shard in &shards {
+                cmd.arg(self.stream_key(*shard));
             }
-            cmd.arg(self.max_len).arg(days.len());
-            for day in &days {
+            for (shard, day) in &hashes {
+                cmd.arg(self.dedupe_key(*shard, *day));
+            }
+            cmd.arg(self.max_len).arg(shards.len()).arg(hashes.len());
+            for (_, day) in &hashes {
                 cmd.arg((day + 1) * (DAY_MS / 1000) + ttl);
             }
-            for &(c, i) in &members {
-                let item = &batch[c].events[i];
-                let h = days.binary_search(&item.day).expect("every day is listed") + 1;
-                cmd.arg(h).arg(&item.field).arg(&item.payload);
+            for m in &members {
+                let e = item(m);
+                let s = shards
+                    .binary_search(&e.shard)
+                    .expect("every shard is listed")
+                    + 1;
+                let h = hashes
+                    .binary_search(&(e.shard, e.day))
+                    .expect("every hash is listed")
+                    + 1;
+                cmd.arg(s).arg(h).arg(&e.field).arg(&e.payload);
             }
             owners.push(members);
         }
@@ -393,6 +416,9 @@ fn append_script_hash() -> &'static str {
 /// the replies. Ends when every [`EventLog`] clone but its own is gone.
 async fn write_appends(log: EventLog, mut queue: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Whether Redis runs as a cluster, once known; until then, one script
+    // per shard (right either way).
+    let mut cluster: Option<bool> = None;
     while let Some(first) = queue.recv().await {
         let mut events = first.events.len();
         let mut batch = vec![first];
@@ -408,7 +434,10 @@ async fn write_appends(log: EventLog, mut queue: mpsc::Receiver<Pending>) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (pipe, owners) = log.pipeline(&batch);
+        if cluster.is_none() {
+            cluster = is_cluster(&log.redis).await;
+        }
+        let (pipe, owners) = log.pipeline(&batch, cluster.unwrap_or(true));
         let redis = log.redis.clone();
         tokio::spawn(async move {
             let result = run_appends(&redis, &pipe).await;
@@ -453,6 +482,17 @@ fn answer(
             Err(e) => Err(EventLogError(e.0.clone())),
         });
     }
+}
+
+/// Whether the Redis is a cluster node (`None` when it cannot be asked).
+async fn is_cluster(redis: &Redis) -> Option<bool> {
+    let mut conn = redis.shared().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    Some(info.lines().any(|l| l.trim() == "cluster_enabled:1"))
 }
 
 /// Runs a pipeline of append scripts; loads the script and runs it again
@@ -570,6 +610,100 @@ mod tests {
             .collect();
         assert_eq!(used.len(), 8, "200 users over 8 shards use them all");
         assert!(log.stream_key(3).ends_with(":events:{3}"));
+    }
+
+    /// Runs `events` (channel 1, users and ids as given) through one
+    /// pipeline built as under Redis Cluster (`per_shard`) or not.
+    async fn run(log: &EventLog, events: &[(&str, &str)], per_shard: bool) -> Vec<Appended> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let (reply, answer) = oneshot::channel();
+        let batch = vec![Pending {
+            events: events
+                .iter()
+                .map(|(user, id)| Item {
+                    shard: log.shard_of("1", user),
+                    day: log.dedupe_day(now, now),
+                    field: format!("1:{id}"),
+                    payload: format!("{user}/{id}").into_bytes(),
+                })
+                .collect(),
+            reply,
+        }];
+        let (pipe, owners) = log.pipeline(&batch, per_shard);
+        assert_eq!(
+            owners.len(),
+            if per_shard {
+                events
+                    .iter()
+                    .map(|(u, _)| log.shard_of("1", u))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            } else {
+                1
+            }
+        );
+        let result = run_appends(&log.redis, &pipe).await;
+        super::answer(batch, &owners, result);
+        answer.await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_script_for_all_shards_and_one_per_shard_append_alike() {
+        for per_shard in [false, true] {
+            let redis = Redis::connect_lazy(&crate::config::RedisConfig {
+                url: crate::config::Secret::new("redis://127.0.0.1:6379"),
+                key_prefix: format!("unit-{per_shard}-{}", std::process::id()),
+                pool_size: 1,
+            })
+            .unwrap();
+            let log = EventLog::new(redis.clone(), 4, 3, Duration::from_secs(3600));
+            let users: Vec<String> = (0..12).map(|n| format!("U{n}")).collect();
+            let events: Vec<(&str, String)> = users
+                .iter()
+                .flat_map(|u| {
+                    [
+                        (u.as_str(), format!("{u}-a")),
+                        (u.as_str(), format!("{u}-b")),
+                    ]
+                })
+                .collect();
+            let borrowed: Vec<(&str, &str)> =
+                events.iter().map(|(u, id)| (*u, id.as_str())).collect();
+            let first = run(&log, &borrowed, per_shard).await;
+            // Each shard takes three (its maximum), in order; the rest are
+            // refused, and not remembered.
+            let mut taken: std::collections::BTreeMap<u32, usize> = Default::default();
+            for ((user, _), outcome) in borrowed.iter().zip(&first) {
+                let n = taken.entry(log.shard_of("1", user)).or_default();
+                if *n < 3 {
+                    assert!(
+                        matches!(outcome, Appended::Added(_)),
+                        "{per_shard}: {first:?}"
+                    );
+                    *n += 1;
+                } else {
+                    assert_eq!(*outcome, Appended::Full, "{per_shard}");
+                }
+            }
+            // With room again, LINE's redelivery of everything appends what
+            // was refused, and only that.
+            let roomy = EventLog::new(redis.clone(), 4, 100, Duration::from_secs(3600));
+            let again = run(&roomy, &borrowed, per_shard).await;
+            for (a, b) in first.iter().zip(&again) {
+                match a {
+                    Appended::Added(_) => assert_eq!(*b, Appended::Duplicate, "{per_shard}"),
+                    _ => assert!(matches!(b, Appended::Added(_)), "{per_shard}: {b:?}"),
+                }
+            }
+            let mut conn = redis.shared().await.unwrap();
+            let _: () = redis::cmd("EVAL")
+                .arg("for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end")
+                .arg(0)
+                .arg(format!("{}:*", redis.prefix()))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
     }
 
     #[test]
