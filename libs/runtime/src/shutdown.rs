@@ -34,6 +34,17 @@ impl Shutdown {
         Self(self.0.child_token())
     }
 
+    /// Triggers `other` as soon as this signal is triggered: a service's
+    /// own background tasks, started in `build` before the run's signal
+    /// exists, stop with the run.
+    pub fn forward_to(&self, other: &Shutdown) {
+        let (this, other) = (self.clone(), other.clone());
+        tokio::spawn(async move {
+            this.cancelled().await;
+            other.trigger();
+        });
+    }
+
     /// A `'static` future that completes on shutdown.
     pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.0.clone().cancelled_owned()

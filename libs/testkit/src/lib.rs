@@ -295,6 +295,33 @@ impl HttpConnection {
     }
 }
 
+impl HttpConnection {
+    /// POSTs `body` every 50 ms until the answer is 200, for up to
+    /// `within`: waiting until a server accepts (started, recovered, has
+    /// room again). The error is the last answer seen.
+    pub async fn post_until_ok(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<bytes::Bytes>,
+        within: Duration,
+    ) -> Result<String, String> {
+        let body = body.into();
+        let deadline = Instant::now() + within;
+        loop {
+            let last = match self.post(path, headers, body.clone()).await {
+                Ok((200, text)) => return Ok(text),
+                Ok((status, text)) => format!("{status} {text}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// The service token services under test accept.
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
 

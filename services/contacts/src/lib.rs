@@ -155,12 +155,7 @@ impl Service for Application {
     }
 
     async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
-        let tasks = self.tasks.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            tasks.trigger();
-        });
+        shutdown.forward_to(&self.tasks);
         let result = self.host.run(self.routes, shutdown).await;
         self.tasks.trigger();
         result

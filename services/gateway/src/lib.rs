@@ -165,12 +165,7 @@ impl Service for Application {
 
     async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
         use axum::serve::ListenerExt;
-        let tasks = self.tasks.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            tasks.trigger();
-        });
+        shutdown.forward_to(&self.tasks);
         tokio::spawn(publish_stats(
             self.log.clone(),
             self.stats_interval,

@@ -119,20 +119,8 @@ impl Mesh {
     /// Waits until the gateway accepts webhooks for `channel_id` (an empty
     /// body, LINE's URL check, answers 200 only for a known channel).
     async fn wait_for_channel(&self, channel_id: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut conn = HttpConnection::new(self.gateway.http);
-        loop {
-            let body = br#"{"destination":"Ubot","events":[]}"#;
-            let (status, text) = post_signed(&mut conn, channel_id, SECRET, body).await;
-            if status == 200 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "channel {channel_id} not accepted: {status} {text}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let body = br#"{"destination":"Ubot","events":[]}"#;
+        until_accepted(&mut self.connection(), channel_id, body).await;
     }
 
     fn connection(&self) -> HttpConnection {
@@ -226,6 +214,22 @@ async fn post_signed(
     )
     .await
     .expect("the gateway answers")
+}
+
+/// Posts `body`, signed, until the gateway answers 200 (10 s at most).
+async fn until_accepted(conn: &mut HttpConnection, channel_id: &str, body: &[u8]) {
+    let signature = line::sign(SECRET.as_bytes(), body);
+    if let Err(last) = conn
+        .post_until_ok(
+            &format!("/line/webhook/{channel_id}"),
+            &[(line::SIGNATURE_HEADER, &signature)],
+            body.to_vec(),
+            Duration::from_secs(10),
+        )
+        .await
+    {
+        panic!("channel {channel_id} did not accept the webhook: {last}");
+    }
 }
 
 /// A one-event webhook: a postback from `user` with id `event_id`.
@@ -446,15 +450,7 @@ async fn without_redis_webhooks_get_503_and_are_accepted_again_once_it_is_back()
     // A fresh Redis (this test's keeps nothing on disk): LINE's redelivery
     // of the refused event goes in, with no restart of the gateway.
     redis.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, text) = post_signed(&mut conn, CHANNEL, SECRET, &during).await;
-        if status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {status} {text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_accepted(&mut conn, CHANNEL, &during).await;
     let events = mesh.consume("recovery", 1).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].1.webhook_event_id, "01JREDIS00000000000000002");
@@ -476,15 +472,7 @@ async fn a_full_shard_answers_503_until_its_entries_are_consumed() {
     // A consumer takes and acknowledges the three; its trimming frees the
     // shard, and LINE's redelivery goes in.
     assert_eq!(mesh.consume("drain", 3).await.len(), 3);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, text) = post_signed(&mut conn, CHANNEL, SECRET, &refused).await;
-        if status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {status} {text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_accepted(&mut conn, CHANNEL, &refused).await;
 }
 
 #[tokio::test]
@@ -635,28 +623,18 @@ async fn the_binary_continues_the_callers_trace_into_the_log_even_with_logs_at_w
     let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
     let body = postback("Ua", "01JTRACE00000000000000001", "x", false);
     let signature = line::sign(SECRET.as_bytes(), &body);
-    let mut conn = HttpConnection::new(http);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let answer = conn
-            .post(
-                &format!("/line/webhook/{CHANNEL}"),
-                &[
-                    (line::SIGNATURE_HEADER, &signature),
-                    ("traceparent", &traceparent),
-                ],
-                body.clone(),
-            )
-            .await;
-        if matches!(answer, Ok((200, _))) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the binary never accepted: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    HttpConnection::new(http)
+        .post_until_ok(
+            &format!("/line/webhook/{CHANNEL}"),
+            &[
+                (line::SIGNATURE_HEADER, &signature),
+                ("traceparent", &traceparent),
+            ],
+            body,
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("the binary accepts the webhook");
     let events = mesh.consume("trace", 1).await;
     assert_eq!(events.len(), 1);
     let trace = events[0].1.trace.clone().unwrap_or_default();

@@ -178,12 +178,7 @@ impl Consumer {
 
     /// The shards this consumer holds now.
     pub fn shards(&self) -> Vec<u32> {
-        self.owned
-            .lock()
-            .expect("shard map lock")
-            .keys()
-            .copied()
-            .collect()
+        held(&self.owned)
     }
 
     /// The next deliveries from this consumer's shards, each shard's in log
@@ -490,15 +485,10 @@ async fn balance(
     let share = log.shards().div_ceil(live) as usize;
 
     // Renew what is held; forget what was lost.
-    let held: Vec<u32> = owned
-        .lock()
-        .expect("shard map lock")
-        .keys()
-        .copied()
-        .collect();
-    if !held.is_empty() {
+    let renewing = held(owned);
+    if !renewing.is_empty() {
         let mut pipe = redis::pipe();
-        for shard in &held {
+        for shard in &renewing {
             pipe.cmd("EVAL")
                 .arg(RENEW)
                 .arg(1)
@@ -508,7 +498,7 @@ async fn balance(
         }
         let renewed: Vec<i64> = query(redis, &mut conn, &pipe).await?;
         let mut map = owned.lock().expect("shard map lock");
-        for (shard, ok) in held.iter().zip(renewed) {
+        for (shard, ok) in renewing.iter().zip(renewed) {
             if ok == 0 && map.remove(shard).is_some() {
                 tracing::warn!(group = %config.group, consumer = %config.name, shard, "lease lost: another consumer holds the shard now");
             }
@@ -584,15 +574,10 @@ async fn balance(
     }
 
     // Trim what every group has finished with.
-    let held: Vec<u32> = owned
-        .lock()
-        .expect("shard map lock")
-        .keys()
-        .copied()
-        .collect();
-    if !held.is_empty() {
+    let trimming = held(owned);
+    if !trimming.is_empty() {
         let mut pipe = redis::pipe();
-        for shard in held {
+        for shard in trimming {
             pipe.cmd("EVAL")
                 .arg(TRIM)
                 .arg(1)
@@ -602,6 +587,16 @@ async fn balance(
         query::<()>(redis, &mut conn, &pipe).await?;
     }
     Ok(())
+}
+
+/// The shards held now.
+fn held(owned: &Shards) -> Vec<u32> {
+    owned
+        .lock()
+        .expect("shard map lock")
+        .keys()
+        .copied()
+        .collect()
 }
 
 /// Runs `pipe` on the shared connection, dropping the connection when the
