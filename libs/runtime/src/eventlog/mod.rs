@@ -324,7 +324,13 @@ impl EventLog {
         let (reply, answer) = oneshot::channel();
         let writer = self.writer.get_or_init(|| {
             let (tx, rx) = mpsc::channel(4096);
-            tokio::spawn(write_appends(self.clone(), rx));
+            // The writer's own copy has no queue of its own, so the queue
+            // closes (and the writer ends) when the last caller's copy goes.
+            let own = EventLog {
+                writer: Arc::default(),
+                ..self.clone()
+            };
+            tokio::spawn(write_appends(own, rx));
             tx
         });
         writer
@@ -413,7 +419,7 @@ fn append_script_hash() -> &'static str {
 
 /// The writer: takes every call waiting (up to [`MAX_PIPELINE`] events),
 /// sends them in one pipeline, and answers each caller with its part of
-/// the replies. Ends when every [`EventLog`] clone but its own is gone.
+/// the replies. Ends when every [`EventLog`] sharing its queue is gone.
 async fn write_appends(log: EventLog, mut queue: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     // Whether Redis runs as a cluster, once known; until then, one script
