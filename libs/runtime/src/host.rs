@@ -4,7 +4,8 @@
 //! shutdown.
 //!
 //! Health: a service reports SERVING only while every store it needs answers
-//! (and, for PostgreSQL, once its migrations are applied); NOT_SERVING
+//! (and, for PostgreSQL, once its migrations are applied) and its own
+//! readiness checks pass ([`ServiceHost::add_check`]); NOT_SERVING
 //! otherwise. A monitor re-checks twice a second, so a service recovers by
 //! itself when a store comes back.
 
@@ -28,6 +29,9 @@ use crate::shutdown::Shutdown;
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// How long one check may take before it counts as a failure.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A service's own readiness check: `Err` says what is not ready yet.
+pub type ReadinessCheck = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// The stores a service needs.
 #[derive(Clone, Copy)]
@@ -95,6 +99,7 @@ pub struct ServiceHost {
     postgres: Option<PgPool>,
     redis: Option<Redis>,
     health: HealthReporter,
+    checks: Vec<ReadinessCheck>,
     health_server:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
@@ -138,8 +143,16 @@ impl ServiceHost {
             postgres,
             redis,
             health,
+            checks: Vec::new(),
             health_server,
         })
+    }
+
+    /// Adds a readiness check of the service's own, evaluated with the
+    /// stores' on every health round: while it fails the service reports
+    /// NOT_SERVING, so that load balancers send it nothing it cannot take.
+    pub fn add_check(&mut self, check: ReadinessCheck) {
+        self.checks.push(check);
     }
 
     /// The settings.
@@ -195,6 +208,7 @@ impl ServiceHost {
             self.postgres.clone(),
             self.redis.clone(),
             self.health.clone(),
+            self.checks.clone(),
             names.clone(),
             shutdown.clone(),
         ));
@@ -260,6 +274,7 @@ async fn monitor(
     postgres: Option<PgPool>,
     redis: Option<Redis>,
     health: HealthReporter,
+    checks: Vec<ReadinessCheck>,
     names: Vec<String>,
     shutdown: Shutdown,
 ) {
@@ -288,6 +303,11 @@ async fn monitor(
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => problems.push(format!("redis: {e}")),
                 Err(_) => problems.push("redis: no answer within 2 s".into()),
+            }
+        }
+        for check in &checks {
+            if let Err(e) = check() {
+                problems.push(e);
             }
         }
         let ok = problems.is_empty();

@@ -599,8 +599,22 @@ pub mod lifecycle {
     /// serves Prometheus metrics, and exits cleanly within a second of
     /// SIGTERM.
     pub async fn binary_serves_and_stops_on_sigterm(binary: &Path, expected_services: &[&str]) {
+        binary_serves_and_stops_on_sigterm_with(binary, expected_services, &[]).await;
+    }
+
+    /// [`binary_serves_and_stops_on_sigterm`] with extra settings (e.g. where
+    /// another service it needs is).
+    pub async fn binary_serves_and_stops_on_sigterm_with(
+        binary: &Path,
+        expected_services: &[&str],
+        settings: &[(&str, &str)],
+    ) {
         let database = TestDatabase::create().await;
-        let mut process = ServiceProcess::spawn(binary, service_env(&database, None));
+        let mut env = service_env(&database, None);
+        for (k, v) in settings {
+            env.insert((*k).into(), (*v).into());
+        }
+        let mut process = ServiceProcess::spawn(binary, env);
         wait_for_health(&process.url, ServingStatus::Serving).await;
 
         let mut want: Vec<String> = BASE_SERVICES
@@ -653,9 +667,17 @@ pub mod lifecycle {
     /// Health goes NOT_SERVING while Redis is down and SERVING again once it
     /// is back, with no restart of the service.
     pub async fn health_follows_redis<S: Service>() {
+        health_follows_redis_with::<S>(&[]).await;
+    }
+
+    /// [`health_follows_redis`] with extra settings.
+    pub async fn health_follows_redis_with<S: Service>(settings: &[(&str, &str)]) {
         let database = TestDatabase::create().await;
         let mut redis = RedisServer::start().await;
-        let env = service_env(&database, Some(&redis.url()));
+        let mut env = service_env(&database, Some(&redis.url()));
+        for (k, v) in settings {
+            env.insert((*k).into(), (*v).into());
+        }
         let (url, shutdown, task) = start::<S>(&env).await;
         wait_for_health(&url, ServingStatus::Serving).await;
 

@@ -132,7 +132,7 @@ impl Service for Application {
                 source,
             })?;
         let token = config.runtime.auth.outbound_service_token().clone();
-        let host = ServiceHost::bind(config.runtime, NEEDS).await?;
+        let mut host = ServiceHost::bind(config.runtime, NEEDS).await?;
         let redis = host
             .redis()
             .expect("the gateway declares that it needs Redis")
@@ -141,6 +141,18 @@ impl Service for Application {
         let tasks = Shutdown::new();
         let channels = registry::Channels::watch(&config.contacts_url, &token, tasks.clone())
             .map_err(|e| HostError::Startup(e.to_string()))?;
+        // Until the channels are loaded every webhook would get 503: report
+        // NOT_SERVING so that no traffic is sent here yet. Once loaded, the
+        // gateway stays ready while contacts is away (it serves what it
+        // knows).
+        let loaded = channels.clone();
+        host.add_check(std::sync::Arc::new(move || {
+            if loaded.is_loaded() {
+                Ok(())
+            } else {
+                Err("channel registry: not loaded from contacts yet".into())
+            }
+        }));
         let router = webhook::router(
             webhook::Webhooks::new(channels, log.clone()),
             &config.limits,
