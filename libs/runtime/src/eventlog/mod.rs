@@ -36,7 +36,7 @@ mod consumer;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 pub use consumer::{Consumer, ConsumerConfig, Delivery};
 
@@ -421,35 +421,46 @@ fn append_script_hash() -> &'static str {
 /// sends them in one pipeline, and answers each caller with its part of
 /// the replies. Ends when every [`EventLog`] sharing its queue is gone.
 async fn write_appends(log: EventLog, mut queue: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    use futures::StreamExt;
+    // The pipelines in flight run inside this task (no task, and no wake-up
+    // of another worker thread, per batch).
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     // Whether Redis runs as a cluster, once known; until then, one script
     // per shard (right either way).
     let mut cluster: Option<bool> = None;
-    while let Some(first) = queue.recv().await {
-        let mut events = first.events.len();
-        let mut batch = vec![first];
-        while events < MAX_PIPELINE {
-            match queue.try_recv() {
-                Ok(p) => {
-                    events += p.events.len();
-                    batch.push(p);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            next = queue.recv(), if open && in_flight.len() < IN_FLIGHT => {
+                let Some(first) = next else {
+                    open = false;
+                    continue;
+                };
+                let mut events = first.events.len();
+                let mut batch = vec![first];
+                while events < MAX_PIPELINE {
+                    match queue.try_recv() {
+                        Ok(p) => {
+                            events += p.events.len();
+                            batch.push(p);
+                        }
+                        Err(_) => break,
+                    }
                 }
-                Err(_) => break,
+                if cluster.is_none() {
+                    cluster = is_cluster(&log.redis).await;
+                }
+                let (pipe, owners) = log.pipeline(&batch, cluster.unwrap_or(true));
+                let redis = log.redis.clone();
+                in_flight.push(async move {
+                    let result = run_appends(&redis, &pipe).await;
+                    answer(batch, &owners, result);
+                });
             }
+            else => return,
         }
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        if cluster.is_none() {
-            cluster = is_cluster(&log.redis).await;
-        }
-        let (pipe, owners) = log.pipeline(&batch, cluster.unwrap_or(true));
-        let redis = log.redis.clone();
-        tokio::spawn(async move {
-            let result = run_appends(&redis, &pipe).await;
-            drop(slot);
-            answer(batch, &owners, result);
-        });
     }
 }
 
