@@ -11,18 +11,21 @@ use std::time::{Duration, Instant};
 use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::{Appended, Consumer, ConsumerConfig, Delivery, Event, EventLog};
 use hibiki_runtime::redis::{Redis, redis};
-use hibiki_testkit::random_id;
+use hibiki_testkit::{RedisKeys, random_id};
 
-fn log(max_len: u64) -> (EventLog, Redis) {
+/// A log of 4 shards under a fresh prefix, deleted when the guard drops.
+fn log(max_len: u64) -> (EventLog, Redis, RedisKeys) {
+    let prefix = format!("test-{}", random_id());
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new("redis://127.0.0.1:6379"),
-        key_prefix: format!("test-{}", random_id()),
+        key_prefix: prefix.clone(),
         pool_size: 2,
     })
     .expect("a pool");
     (
         EventLog::new(redis.clone(), 4, max_len, Duration::from_secs(60)),
         redis,
+        RedisKeys::new("redis://127.0.0.1:6379", &prefix),
     )
 }
 
@@ -56,7 +59,7 @@ async fn entries(redis: &Redis, key: &str) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn a_users_events_keep_their_order_and_a_redelivery_is_not_appended_again() {
-    let (log, redis) = log(1000);
+    let (log, redis, _keys) = log(1000);
     let batch = [
         event("Ua", "e1", b"one"),
         event("Ub", "e2", b"other user"),
@@ -95,7 +98,7 @@ async fn a_users_events_keep_their_order_and_a_redelivery_is_not_appended_again(
 
 #[tokio::test]
 async fn a_full_shard_refuses_and_nothing_is_remembered_for_the_refused() {
-    let (log, redis) = log(2);
+    let (log, redis, _keys) = log(2);
     let first = log
         .append(&[event("Ua", "e1", b"1"), event("Ua", "e2", b"2")])
         .await
@@ -120,7 +123,7 @@ async fn a_full_shard_refuses_and_nothing_is_remembered_for_the_refused() {
 
 #[tokio::test]
 async fn a_redis_that_forgot_the_script_still_takes_appends() {
-    let (log, redis) = log(100);
+    let (log, redis, _keys) = log(100);
     let mut conn = redis.pool().get().await.unwrap();
     redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -207,7 +210,7 @@ async fn drain(
 
 #[tokio::test]
 async fn two_consumers_share_the_shards_and_deliver_each_entry_once_in_order() {
-    let (log, _redis) = log(10_000);
+    let (log, _redis, _keys) = log(10_000);
     let users: Vec<String> = (0..24).map(|n| format!("U{n:02}")).collect();
     append_rounds(&log, &users, 0..5, "a").await;
 
@@ -282,7 +285,7 @@ async fn two_consumers_share_the_shards_and_deliver_each_entry_once_in_order() {
 
 #[tokio::test]
 async fn a_dead_consumers_pending_entries_are_taken_over_first_and_in_order() {
-    let (log, redis) = log(10_000);
+    let (log, redis, _keys) = log(10_000);
     let users: Vec<String> = vec!["Ua".into()];
     let shard = log.shard_of("1000000001", "Ua");
     let key = log.stream_key(shard);
@@ -359,7 +362,7 @@ async fn a_dead_consumers_pending_entries_are_taken_over_first_and_in_order() {
 
 #[tokio::test]
 async fn a_stopped_consumer_hands_its_shards_over_at_once() {
-    let (log, _redis) = log(10_000);
+    let (log, _redis, _keys) = log(10_000);
     // A long lease: only an explicit hand-over can move the shards in time.
     let first = Consumer::start(log.clone(), consumer_config("scenario", "first", 60_000));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -383,7 +386,7 @@ async fn a_stopped_consumer_hands_its_shards_over_at_once() {
 
 #[tokio::test]
 async fn event_ids_are_remembered_by_the_day_of_the_event_for_the_dedupe_window() {
-    let (_, redis) = log(100);
+    let (_, redis, _keys) = log(100);
     let log = EventLog::new(redis.clone(), 4, 100, Duration::from_secs(48 * 3600));
     let yesterday = chrono::Utc::now().timestamp_millis() - 86_400_000;
     let day = yesterday.div_euclid(86_400_000);

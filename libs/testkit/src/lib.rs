@@ -322,6 +322,45 @@ impl HttpConnection {
     }
 }
 
+/// Deletes every key under a Redis key prefix when dropped, so a test's
+/// streams and dedupe hashes do not outlive it (also when it fails).
+pub struct RedisKeys {
+    url: String,
+    prefix: String,
+}
+
+impl RedisKeys {
+    /// Keys `<prefix>:*` at `url`, deleted on drop.
+    pub fn new(url: &str, prefix: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+}
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        // Synchronous on purpose: Drop cannot await, and the test's runtime
+        // may be shutting down.
+        let Ok(client) = hibiki_runtime::redis::redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+            return;
+        };
+        let _: Result<(), _> = hibiki_runtime::redis::redis::cmd("EVAL")
+            .arg(
+                "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+                 redis.call('UNLINK', k) n = n + 1 end return n",
+            )
+            .arg(0)
+            .arg(format!("{}:*", self.prefix))
+            .query::<i64>(&mut conn)
+            .map(|_| ());
+    }
+}
+
 /// The service token services under test accept.
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
 

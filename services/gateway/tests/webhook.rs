@@ -17,8 +17,8 @@ use hibiki_runtime::eventlog::{Consumer, ConsumerConfig, EventLog};
 use hibiki_runtime::redis::Redis;
 use hibiki_runtime::{HostError, Shutdown};
 use hibiki_testkit::{
-    HttpConnection, RedisServer, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, random_id,
-    scrape_metrics, service_env,
+    HttpConnection, RedisKeys, RedisServer, SERVICE_TOKEN, TestDatabase, authorized, lifecycle,
+    random_id, scrape_metrics, service_env,
 };
 use prost::Message;
 use serde_json::Value;
@@ -65,6 +65,7 @@ impl Gateway {
 /// and the event log the gateway appends to.
 struct Mesh {
     _database: TestDatabase,
+    _keys: [RedisKeys; 2],
     contacts_url: String,
     contacts: Option<Shutdown>,
     env: HashMap<String, String>,
@@ -105,6 +106,13 @@ impl Mesh {
         let gateway = Gateway::start(&env).await;
         let log = event_log(&env);
         let mesh = Self {
+            _keys: [
+                RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]),
+                RedisKeys::new(
+                    &contacts_env["HIBIKI_REDIS_URL"],
+                    &contacts_env["HIBIKI_REDIS_PREFIX"],
+                ),
+            ],
             _database: database,
             contacts_url,
             contacts: Some(contacts),
