@@ -36,7 +36,8 @@ use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::EventLog;
 use hibiki_runtime::redis::Redis;
 use hibiki_testkit::{
-    HttpConnection, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, free_port, service_env,
+    HttpConnection, RedisKeys, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, free_port,
+    service_env,
 };
 
 const TENANT: &str = "bench";
@@ -252,6 +253,8 @@ async fn main() {
     // contacts with the bench tenant and channel, then the gateway.
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
+    // Nothing of the run stays in the shared Redis (dropped last).
+    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());
     let contacts = ServiceProcess::spawn(&release.join("hibiki-contacts"), env.clone());
     hibiki_testkit::wait_for_health(&contacts.url, tonic_health::ServingStatus::Serving).await;
@@ -318,8 +321,8 @@ async fn main() {
     let noop_addr = SocketAddr::from(([127, 0, 0, 1], noop_port));
     let seconds = args.seconds as f64;
     println!(
-        "gateway bench: {} keep-alive connections, {} s per phase after {} s warm-up, signed single-postback bodies for distinct users, {SHARDS} shards\n",
-        args.connections, args.seconds, args.warmup
+        "gateway bench: {} keep-alive connections, {} s per phase after {} s warm-up, signed single-postback bodies for distinct users, {} shards\n",
+        args.connections, args.seconds, args.warmup, env["HIBIKI_EVENTLOG_SHARDS"]
     );
     // Every webhook the gateway was sent, and how many it answered 200.
     let (mut sent, mut accepted) = (0u64, 0u64);
@@ -414,7 +417,7 @@ async fn main() {
     let shards: u32 = env["HIBIKI_EVENTLOG_SHARDS"]
         .parse()
         .expect("a shard count");
-    let log = EventLog::new(redis.clone(), shards, 0, Duration::from_secs(1));
+    let log = EventLog::new(redis, shards, 0, Duration::from_secs(1));
     let entries: u64 = log
         .stats()
         .await
@@ -431,19 +434,6 @@ async fn main() {
         }
     );
 
-    // Leave nothing behind in the shared Redis.
-    let mut conn = redis.shared().await.expect("Redis");
-    let keys: Vec<String> = hibiki_runtime::redis::redis::cmd("KEYS")
-        .arg(format!("{}:*", redis.prefix()))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    for chunk in keys.chunks(1000) {
-        let _: Result<(), _> = hibiki_runtime::redis::redis::cmd("UNLINK")
-            .arg(chunk)
-            .query_async(&mut conn)
-            .await;
-    }
     drop(gateway);
     drop(contacts);
     let _ = noop.kill();

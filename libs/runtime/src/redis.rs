@@ -74,11 +74,8 @@ impl Redis {
     }
 
     /// The shared multiplexed connection, connecting first if there is none:
-    /// concurrent callers' commands go out pipelined on one socket. Never use
-    /// it for blocking commands (they would stall every other caller).
-    /// After an error that broke the connection, call [`Redis::reset_shared`]
-    /// so that the next caller connects again.
-    pub async fn shared(&self) -> Result<redis::aio::MultiplexedConnection, RedisError> {
+    /// concurrent callers' commands go out pipelined on one socket.
+    async fn shared(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
         let mut slot = self.shared.lock().await;
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
@@ -96,8 +93,8 @@ impl Redis {
 
     /// Drops the shared connection after `error`, if the error means the
     /// connection is no longer usable (Redis restarted, network cut, no
-    /// reply in time); the next [`Redis::shared`] connects again.
-    pub async fn reset_shared(&self, error: &redis::RedisError) {
+    /// reply in time); the next call connects again.
+    async fn reset_shared(&self, error: &redis::RedisError) {
         if error.is_io_error()
             || error.is_connection_dropped()
             || error.is_connection_refusal()
@@ -106,6 +103,35 @@ impl Redis {
         {
             *self.shared.lock().await = None;
         }
+    }
+
+    /// Runs `pipe` on the shared connection (the hot path: concurrent
+    /// callers' pipelines go out back to back on one socket; never a
+    /// blocking command). An error that broke the connection drops it, so
+    /// the next call connects again; the error is returned as Redis gave it.
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, redis::RedisError> {
+        let mut conn = self.shared().await?;
+        let result = pipe.query_async(&mut conn).await;
+        if let Err(e) = &result {
+            self.reset_shared(e).await;
+        }
+        result
+    }
+
+    /// Runs one command on the shared connection, as [`Redis::pipeline`].
+    pub async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, redis::RedisError> {
+        let mut conn = self.shared().await?;
+        let result = cmd.query_async(&mut conn).await;
+        if let Err(e) = &result {
+            self.reset_shared(e).await;
+        }
+        result
     }
 
     /// The connection pool.

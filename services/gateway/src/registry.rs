@@ -67,6 +67,11 @@ pub enum RegistryError {
     Token(#[from] tonic::metadata::errors::InvalidMetadataValue),
 }
 
+/// contacts' tenant service, called with the gateway's service token.
+type Client = TenantServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClientInterceptor>,
+>;
+
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
@@ -100,16 +105,7 @@ impl Channels {
         self.state.read().expect("registry lock").loaded
     }
 
-    async fn follow_until(
-        self,
-        mut client: TenantServiceClient<
-            tonic::service::interceptor::InterceptedService<
-                tonic::transport::Channel,
-                ClientInterceptor,
-            >,
-        >,
-        shutdown: Shutdown,
-    ) {
+    async fn follow_until(self, mut client: Client, shutdown: Shutdown) {
         let mut retry = FIRST_RETRY;
         loop {
             let lost = tokio::select! {
@@ -141,16 +137,7 @@ impl Channels {
 
     /// Reads one `WatchChannels` stream until it fails. Resets `retry` once
     /// the stream has delivered its initial state.
-    async fn follow(
-        &self,
-        client: &mut TenantServiceClient<
-            tonic::service::interceptor::InterceptedService<
-                tonic::transport::Channel,
-                ClientInterceptor,
-            >,
-        >,
-        retry: &mut Duration,
-    ) -> tonic::Status {
+    async fn follow(&self, client: &mut Client, retry: &mut Duration) -> tonic::Status {
         let mut stream = match client.watch_channels(WatchChannelsRequest {}).await {
             Ok(r) => r.into_inner(),
             Err(status) => return status,

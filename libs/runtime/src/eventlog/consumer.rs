@@ -234,9 +234,7 @@ impl Consumer {
                     .arg(">"),
             };
         }
-        let redis = self.log.redis();
-        let mut conn = redis.shared().await?;
-        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
+        let replies: Vec<redis::Value> = match self.log.redis().pipeline(&pipe).await {
             Ok(r) => r,
             Err(e) => {
                 if e.code() == Some("NOGROUP") {
@@ -246,7 +244,6 @@ impl Consumer {
                         create_group(&self.log, &self.config.group, *shard).await?;
                     }
                 }
-                redis.reset_shared(&e).await;
                 return Err(e.into());
             }
         };
@@ -300,12 +297,7 @@ impl Consumer {
             // gateway's back-pressure) follows the slowest group at once.
             pipe.cmd("EVAL").arg(TRIM).arg(1).arg(key).ignore();
         }
-        let redis = self.log.redis();
-        let mut conn = redis.shared().await?;
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            redis.reset_shared(&e).await;
-            return Err(e.into());
-        }
+        self.log.redis().pipeline::<()>(&pipe).await?;
         let mut owned = self.owned.lock().expect("shard map lock");
         for (shard, ids) in by_shard {
             if let Some(o) = owned.get_mut(&shard) {
@@ -327,7 +319,6 @@ impl Consumer {
             .into_keys()
             .collect();
         let result: Result<(), EventLogError> = async {
-            let mut conn = self.log.redis().shared().await?;
             let mut pipe = redis::pipe();
             for shard in shards {
                 pipe.cmd("EVAL")
@@ -341,7 +332,7 @@ impl Consumer {
                 .arg(self.log.members_key(&self.config.group))
                 .arg(&self.config.name)
                 .ignore();
-            pipe.query_async::<()>(&mut conn).await?;
+            self.log.redis().pipeline::<()>(&pipe).await?;
             Ok(())
         }
         .await;
@@ -361,20 +352,19 @@ impl Drop for Consumer {
 /// Creates the group on a shard's stream (and the stream), reading from the
 /// start; an existing group is left as it is.
 async fn create_group(log: &EventLog, group: &str, shard: u32) -> Result<(), EventLogError> {
-    let mut conn = log.redis().shared().await?;
-    let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(log.stream_key(shard))
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
+    let created: Result<(), redis::RedisError> = log
+        .redis()
+        .command(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(log.stream_key(shard))
+                .arg(group)
+                .arg("0")
+                .arg("MKSTREAM"),
+        )
         .await;
     match created {
-        Err(e) if e.code() != Some("BUSYGROUP") => {
-            log.redis().reset_shared(&e).await;
-            Err(e.into())
-        }
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
         _ => Ok(()),
     }
 }
@@ -458,7 +448,6 @@ async fn balance(
     owned: &Shards,
 ) -> Result<(), EventLogError> {
     let redis = log.redis();
-    let mut conn = redis.shared().await?;
     let lease_ms = config.lease.as_millis() as u64;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -480,7 +469,7 @@ async fn balance(
         .ignore()
         .cmd("ZCARD")
         .arg(&members);
-    let live: (u64,) = query(redis, &mut conn, &pipe).await?;
+    let live: (u64,) = redis.pipeline(&pipe).await?;
     let live = live.0.max(1) as u32;
     let share = log.shards().div_ceil(live) as usize;
 
@@ -496,7 +485,7 @@ async fn balance(
                 .arg(&config.name)
                 .arg(lease_ms);
         }
-        let renewed: Vec<i64> = query(redis, &mut conn, &pipe).await?;
+        let renewed: Vec<i64> = redis.pipeline(&pipe).await?;
         let mut map = owned.lock().expect("shard map lock");
         for (shard, ok) in renewing.iter().zip(renewed) {
             if ok == 0 && map.remove(shard).is_some() {
@@ -531,7 +520,7 @@ async fn balance(
                 .arg(&config.name)
                 .ignore();
         }
-        query::<()>(redis, &mut conn, &pipe).await?;
+        redis.pipeline::<()>(&pipe).await?;
     }
 
     // Take free shards up to the share, starting at a place of this
@@ -548,15 +537,16 @@ async fn balance(
             if owned.lock().expect("shard map lock").contains_key(&shard) {
                 continue;
             }
-            let taken: Option<String> = redis::cmd("SET")
-                .arg(log.lease_key(shard, &config.group))
-                .arg(&config.name)
-                .arg("NX")
-                .arg("PX")
-                .arg(lease_ms)
-                .query_async(&mut conn)
-                .await
-                .map_err(EventLogError::from)?;
+            let taken: Option<String> = redis
+                .command(
+                    redis::cmd("SET")
+                        .arg(log.lease_key(shard, &config.group))
+                        .arg(&config.name)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lease_ms),
+                )
+                .await?;
             if taken.is_none() {
                 continue;
             }
@@ -584,7 +574,7 @@ async fn balance(
                 .arg(log.stream_key(shard))
                 .ignore();
         }
-        query::<()>(redis, &mut conn, &pipe).await?;
+        redis.pipeline::<()>(&pipe).await?;
     }
     Ok(())
 }
@@ -597,20 +587,4 @@ fn held(owned: &Shards) -> Vec<u32> {
         .keys()
         .copied()
         .collect()
-}
-
-/// Runs `pipe` on the shared connection, dropping the connection when the
-/// error broke it.
-async fn query<T: redis::FromRedisValue>(
-    redis: &crate::redis::Redis,
-    conn: &mut redis::aio::MultiplexedConnection,
-    pipe: &redis::Pipeline,
-) -> Result<T, EventLogError> {
-    match pipe.query_async(conn).await {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            redis.reset_shared(&e).await;
-            Err(e.into())
-        }
-    }
 }

@@ -117,12 +117,6 @@ impl From<redis::RedisError> for EventLogError {
     }
 }
 
-impl From<&redis::RedisError> for EventLogError {
-    fn from(e: &redis::RedisError) -> Self {
-        Self(e.to_string())
-    }
-}
-
 impl From<crate::redis::RedisError> for EventLogError {
     fn from(e: crate::redis::RedisError) -> Self {
         Self(e.to_string())
@@ -503,10 +497,8 @@ fn answer(
 
 /// Whether the Redis is a cluster node (`None` when it cannot be asked).
 async fn is_cluster(redis: &Redis) -> Option<bool> {
-    let mut conn = redis.shared().await.ok()?;
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut conn)
+    let info: String = redis
+        .command(redis::cmd("INFO").arg("cluster"))
         .await
         .ok()?;
     Some(info.lines().any(|l| l.trim() == "cluster_enabled:1"))
@@ -519,34 +511,20 @@ async fn run_appends(
     redis: &Redis,
     pipe: &redis::Pipeline,
 ) -> Result<Vec<Vec<String>>, EventLogError> {
-    let mut conn = redis.shared().await?;
-    let mut replies: Result<Vec<Vec<String>>, redis::RedisError> =
-        pipe.query_async(&mut conn).await;
-    if matches!(&replies, Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into()) {
-        let loaded: Result<String, _> = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(APPEND)
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = loaded {
-            redis.reset_shared(&e).await;
-            return Err(e.into());
+    match redis.pipeline(pipe).await {
+        Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
+            let _: String = redis
+                .command(redis::cmd("SCRIPT").arg("LOAD").arg(APPEND))
+                .await?;
+            Ok(redis.pipeline(pipe).await?)
         }
-        replies = pipe.query_async(&mut conn).await;
-    }
-    match replies {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            redis.reset_shared(&e).await;
-            Err(e.into())
-        }
+        other => Ok(other?),
     }
 }
 
 impl EventLog {
     /// Length, lag and pending entries of every shard.
     pub async fn stats(&self) -> Result<Vec<ShardStats>, EventLogError> {
-        let mut conn = self.redis.shared().await?;
         let mut pipe = redis::pipe();
         for shard in 0..self.shards {
             pipe.cmd("EVAL")
@@ -554,13 +532,7 @@ impl EventLog {
                 .arg(1)
                 .arg(self.stream_key(shard));
         }
-        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.redis.reset_shared(&e).await;
-                return Err(e.into());
-            }
-        };
+        let replies: Vec<redis::Value> = self.redis.pipeline(&pipe).await?;
         replies
             .into_iter()
             .zip(0..)
@@ -667,9 +639,11 @@ mod tests {
     #[tokio::test]
     async fn one_script_for_all_shards_and_one_per_shard_append_alike() {
         for per_shard in [false, true] {
+            let prefix = format!("unit-{}", hibiki_testkit::random_id());
+            let _keys = hibiki_testkit::RedisKeys::new("redis://127.0.0.1:6379", &prefix);
             let redis = Redis::connect_lazy(&crate::config::RedisConfig {
                 url: crate::config::Secret::new("redis://127.0.0.1:6379"),
-                key_prefix: format!("unit-{per_shard}-{}", std::process::id()),
+                key_prefix: prefix,
                 pool_size: 1,
             })
             .unwrap();
@@ -712,14 +686,6 @@ mod tests {
                     _ => assert!(matches!(b, Appended::Added(_)), "{per_shard}: {b:?}"),
                 }
             }
-            let mut conn = redis.shared().await.unwrap();
-            let _: () = redis::cmd("EVAL")
-                .arg("for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end")
-                .arg(0)
-                .arg(format!("{}:*", redis.prefix()))
-                .query_async(&mut conn)
-                .await
-                .unwrap();
         }
     }
 
