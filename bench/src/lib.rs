@@ -2,7 +2,48 @@
 //! print.
 #![forbid(unsafe_code)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+/// Open-loop pacing with microsecond precision, as wrk2 does it.
+///
+/// One thread hands out request slots, `1 / rate` apart, to `senders`
+/// queues in turn until `until`; each slot carries its scheduled instant,
+/// and a sender measures latency from it, so a sender that falls behind
+/// (its previous answer was late) counts the queueing it suffered.
+/// tokio's own timers fire on millisecond ticks, which bunches a paced load
+/// into bursts at each tick and adds up to a millisecond of timer delay to
+/// every latency; this thread sleeps with the OS's fine-grained timer
+/// instead, and hands out every slot that fell due while it slept.
+pub fn pace(rate: f64, senders: usize, until: Instant) -> Vec<mpsc::UnboundedReceiver<Instant>> {
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..senders.max(1))
+        .map(|_| mpsc::unbounded_channel())
+        .unzip();
+    let period = Duration::from_secs_f64(1.0 / rate);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut slot: u64 = 0;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            loop {
+                let due = start + period.mul_f64(slot as f64);
+                if due > now {
+                    std::thread::sleep(due - now);
+                    break;
+                }
+                if txs[(slot % txs.len() as u64) as usize].send(due).is_err() {
+                    return;
+                }
+                slot += 1;
+            }
+        }
+    });
+    rxs
+}
 
 /// Latencies of one run, in microseconds.
 #[derive(Debug, Default, Clone)]

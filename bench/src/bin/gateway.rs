@@ -15,8 +15,11 @@
 //!    p50 and p99 over all rounds, and the gateway's ratio of medians.
 //! 2. **At 70 % of the gateway's maximum**: `--paced-connections` paced to
 //!    0.7 × the measured rate in all (open loop; latency counted from each
-//!    request's scheduled time, so queueing shows). Printed: p50, p99.
-//!    Also printed: the CPU time the gateway and Redis spent per webhook in
+//!    request's scheduled time, so queueing shows; the slots are handed out
+//!    by a microsecond-precise pacer thread, not tokio's millisecond timer,
+//!    which would bunch them into bursts). Printed: p50, p99, and the same
+//!    paced load on the no-op server: what the load generator and the busy
+//!    machine add to any server's latency at that rate. Also printed: the CPU time the gateway and Redis spent per webhook in
 //!    this phase (from /proc), a steadier figure than rates on a shared
 //!    machine.
 //! 3. **Check**: the event log holds exactly one entry per webhook the
@@ -28,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hibiki_bench::{Latencies, ms};
+use hibiki_bench::{Latencies, ms, pace};
 use hibiki_gateway::line;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
@@ -124,23 +127,24 @@ async fn load(
     next: Arc<AtomicU64>,
 ) -> Figures {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut slots = rate.map(|r| pace(r, connections, deadline).into_iter());
     let tasks: Vec<_> = (0..connections)
-        .map(|i| {
+        .map(|_| {
             let next = next.clone();
-            let mut schedule = rate.map(|r| {
-                let period = Duration::from_secs_f64(connections as f64 / r);
-                let offset = period.mul_f64(i as f64 / connections as f64);
-                tokio::time::interval_at(tokio::time::Instant::now() + offset, period)
-            });
+            let mut slots = slots.as_mut().and_then(Iterator::next);
             tokio::spawn(async move {
                 let mut conn = HttpConnection::new(addr);
                 let mut latencies = Latencies::default();
                 let (mut ok, mut other) = (0u64, 0u64);
                 let path = format!("/line/webhook/{CHANNEL}");
-                while Instant::now() < deadline {
-                    let due = match schedule.as_mut() {
-                        Some(s) => s.tick().await.into_std(),
-                        None => Instant::now(),
+                loop {
+                    let due = match slots.as_mut() {
+                        Some(slots) => match slots.recv().await {
+                            Some(due) => due,
+                            None => break,
+                        },
+                        None if Instant::now() < deadline => Instant::now(),
+                        None => break,
                     };
                     let (body, signature) = webhook(next.fetch_add(1, Ordering::Relaxed));
                     let answer = conn
@@ -388,6 +392,16 @@ async fn main() {
     .await;
     let cpu_after = cpu();
     count(&paced);
+    // The same paced load on the no-op server: what the load generator and
+    // a busy machine add to every latency at this rate, whatever answers.
+    let paced_noop = load(
+        noop_addr,
+        args.paced_connections,
+        seconds,
+        Some(rate),
+        next.clone(),
+    )
+    .await;
 
     println!("| server | requests/s | p50 | p99 | 200 | other |");
     println!("|---|---|---|---|---|---|");
@@ -396,6 +410,10 @@ async fn main() {
     row(
         &format!("gateway at {:.0} % ({rate:.0}/s)", args.load * 100.0),
         &paced,
+    );
+    row(
+        &format!("no-op axum at the same rate ({rate:.0}/s)"),
+        &paced_noop,
     );
     println!(
         "\ngateway / ceiling throughput: {:.2}",
