@@ -6,7 +6,6 @@
 //! `UnknownEvent` (LINE adds types over time: that is never a reason to
 //! fail a delivery). Fields LINE leaves out stay at their defaults.
 
-use base64::Engine;
 use hibiki_proto::common::v1::inbound_event::Payload;
 use hibiki_proto::common::v1::message_content::Content;
 use hibiki_proto::common::v1::{
@@ -17,35 +16,12 @@ use hibiki_proto::common::v1::{
     SourceType, StickerMessage, TextMessage, UnfollowEvent, UnknownEvent, UnsendEvent,
     VideoPlayCompleteEvent,
 };
-use hmac::{Hmac, KeyInit, Mac};
 use std::borrow::Cow;
 
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sha2::Sha256;
 
-/// The header LINE signs its webhooks in.
-pub const SIGNATURE_HEADER: &str = "x-line-signature";
-
-/// Whether `signature` (the header's value) is the Base64 HMAC-SHA256 of
-/// `body` under the channel `secret`. The comparison takes the same time
-/// whatever the signature's content.
-pub fn signature_is_valid(secret: &[u8], body: &[u8], signature: &str) -> bool {
-    let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
-        return false;
-    };
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
-    mac.update(body);
-    // `verify_slice` compares in constant time.
-    mac.verify_slice(&given).is_ok()
-}
-
-/// The signature LINE would send for `body` (for tests and the simulator).
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
-    mac.update(body);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
+pub use hibiki_line::signature::{SIGNATURE_HEADER, sign, signature_is_valid};
 
 /// Why a signed body is not a webhook.
 #[derive(Debug, thiserror::Error, PartialEq)]

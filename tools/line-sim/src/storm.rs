@@ -1,0 +1,289 @@
+//! Webhook storms: signed LINE webhook bodies for many users at a set rate,
+//! posted to a gateway as LINE would post them.
+//!
+//! User `i` of a storm is `U` followed by `first_user + i` in 32 hex digits,
+//! so two storms (or a storm and a test) agree on who is who. Each webhook
+//! carries one event of one user; the kinds cycle over the users (user `i`
+//! gets `kinds[i % kinds.len()]`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hibiki_line::signature::{SIGNATURE_HEADER, sign};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::state::now_ms;
+
+/// The kinds of event a storm sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A friend added the account (`follow`).
+    Follow,
+    /// A friend blocked the account (`unfollow`).
+    Unfollow,
+    /// A text message.
+    Text,
+    /// A tap on a button carrying postback data.
+    Postback,
+}
+
+/// What a storm sends, where and how fast.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StormSpec {
+    /// The gateway's webhook URL for the channel, e.g.
+    /// `http://127.0.0.1:8080/line/webhook/1000000001`.
+    pub url: String,
+    /// The channel the webhooks are for.
+    pub channel_id: String,
+    /// The channel secret the bodies are signed with (taken from the
+    /// simulator's channel when empty and the storm runs in line-sim).
+    pub secret: String,
+    /// How many users (one webhook each).
+    pub users: u64,
+    /// The first user's number.
+    pub first_user: u64,
+    /// Webhooks a second.
+    pub rate: f64,
+    /// The event kinds, cycled over the users.
+    pub kinds: Vec<EventKind>,
+    /// A postback's data.
+    pub postback_data: String,
+    /// A text message's text.
+    pub text: String,
+    /// Webhooks in flight at most.
+    pub connections: usize,
+}
+
+impl Default for StormSpec {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            channel_id: String::new(),
+            secret: String::new(),
+            users: 100,
+            first_user: 0,
+            rate: 100.0,
+            kinds: vec![EventKind::Postback],
+            postback_data: "action=join&campaign=spring".into(),
+            text: "hello".into(),
+            connections: 32,
+        }
+    }
+}
+
+impl StormSpec {
+    /// Why this storm cannot run, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.url.starts_with("http://") && !self.url.starts_with("https://") {
+            return Err(format!("url: must be an http(s) URL, got {:?}", self.url));
+        }
+        if self.secret.is_empty() {
+            return Err("secret: must not be empty".into());
+        }
+        if !(self.rate > 0.0 && self.rate.is_finite()) {
+            return Err(format!("rate: must be above 0, got {}", self.rate));
+        }
+        if self.kinds.is_empty() {
+            return Err("kinds: must name at least one kind".into());
+        }
+        if self.connections == 0 {
+            return Err("connections: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The user id of storm user `n`.
+pub fn user_id(n: u64) -> String {
+    format!("U{n:032x}")
+}
+
+/// A fresh ULID (what LINE's `webhookEventId`s are): 48 bits of
+/// milliseconds and 80 random bits in Crockford's base 32.
+pub fn ulid() -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let random: u128 = rand::rng().random::<u128>() & ((1u128 << 80) - 1);
+    let value = (u128::from(now_ms()) << 80) | random;
+    (0..26)
+        .rev()
+        .map(|i| ALPHABET[((value >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// One webhook event of `kind` for `user`, with `reply_token` where LINE
+/// gives one.
+pub fn event(spec: &StormSpec, kind: EventKind, user: &str, reply_token: &str) -> Value {
+    let mut e = json!({
+        "mode": "active",
+        "timestamp": now_ms(),
+        "webhookEventId": ulid(),
+        "deliveryContext": {"isRedelivery": false},
+        "source": {"type": "user", "userId": user},
+    });
+    match kind {
+        EventKind::Follow => {
+            e["type"] = json!("follow");
+            e["replyToken"] = json!(reply_token);
+            e["follow"] = json!({"isUnblocked": false});
+        }
+        EventKind::Unfollow => e["type"] = json!("unfollow"),
+        EventKind::Text => {
+            e["type"] = json!("message");
+            e["replyToken"] = json!(reply_token);
+            let id: u64 = rand::rng().random_range(10_000_000_000_000..99_999_999_999_999);
+            e["message"] = json!({"id": id.to_string(), "type": "text", "text": spec.text, "quoteToken": ulid()});
+        }
+        EventKind::Postback => {
+            e["type"] = json!("postback");
+            e["replyToken"] = json!(reply_token);
+            e["postback"] = json!({"data": spec.postback_data});
+        }
+    }
+    e
+}
+
+/// The bot's own user id for a channel (the webhook's `destination`).
+pub fn destination(channel_id: &str) -> String {
+    let h = channel_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("U{h:016x}{:016x}", h.rotate_left(17))
+}
+
+/// How a storm went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StormReport {
+    /// Webhooks posted.
+    pub sent: u64,
+    /// Webhooks the gateway answered 200.
+    pub accepted: u64,
+    /// Answers by status (`"200"`, `"503"`, …; `"error"` when none came).
+    pub statuses: std::collections::BTreeMap<String, u64>,
+    /// Seconds from the first post to the last answer.
+    pub seconds: f64,
+    /// Webhooks a second achieved.
+    pub rate: f64,
+    /// Median answer time, in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile answer time, in milliseconds.
+    pub p99_ms: f64,
+    /// Whether the storm is over.
+    pub done: bool,
+}
+
+/// Runs a storm: every user's webhook, signed, at `spec.rate`. Reply
+/// tokens come from `issue_token(user)`.
+pub async fn run(
+    spec: StormSpec,
+    issue_token: Arc<dyn Fn(&str) -> String + Send + Sync>,
+) -> Result<StormReport, String> {
+    spec.check()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(spec.connections)
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("an HTTP client: {e}"))?;
+    let spec = Arc::new(spec);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..spec.connections)
+        .map(|_| {
+            let (spec, next, client, issue_token) = (
+                spec.clone(),
+                next.clone(),
+                client.clone(),
+                issue_token.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answers: Vec<(String, Duration)> = Vec::new();
+                let destination = destination(&spec.channel_id);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= spec.users {
+                        return answers;
+                    }
+                    let due = started + Duration::from_secs_f64(i as f64 / spec.rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    let user = user_id(spec.first_user + i);
+                    let kind = spec.kinds[(i % spec.kinds.len() as u64) as usize];
+                    let token = issue_token(&user);
+                    let body = json!({
+                        "destination": destination,
+                        "events": [event(&spec, kind, &user, &token)],
+                    })
+                    .to_string();
+                    let signature = sign(spec.secret.as_bytes(), body.as_bytes());
+                    let sent = Instant::now();
+                    let status = match client
+                        .post(&spec.url)
+                        .header("content-type", "application/json")
+                        .header(SIGNATURE_HEADER, signature)
+                        .body(body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => r.status().as_u16().to_string(),
+                        Err(_) => "error".to_owned(),
+                    };
+                    answers.push((status, sent.elapsed()));
+                }
+            })
+        })
+        .collect();
+    let mut report = StormReport::default();
+    let mut times = Vec::new();
+    for w in workers {
+        for (status, took) in w.await.map_err(|e| format!("a storm worker failed: {e}"))? {
+            report.sent += 1;
+            if status == "200" {
+                report.accepted += 1;
+            }
+            *report.statuses.entry(status).or_default() += 1;
+            times.push(took);
+        }
+    }
+    times.sort_unstable();
+    let quantile = |q: f64| {
+        if times.is_empty() {
+            return 0.0;
+        }
+        let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
+        times[rank - 1].as_secs_f64() * 1000.0
+    };
+    report.seconds = started.elapsed().as_secs_f64();
+    report.rate = report.sent as f64 / report.seconds.max(f64::EPSILON);
+    report.p50_ms = quantile(0.5);
+    report.p99_ms = quantile(0.99);
+    report.done = true;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulids_are_26_crockford_characters_in_time_order() {
+        let a = ulid();
+        assert_eq!(a.len(), 26);
+        assert!(
+            a.bytes()
+                .all(|b| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&b))
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(ulid()[..10] > a[..10]);
+    }
+
+    #[test]
+    fn storm_users_and_destinations_are_line_ids() {
+        assert!(hibiki_line::api::is_user_id(&user_id(7)));
+        assert!(hibiki_line::api::is_user_id(&destination("1000000001")));
+        assert_ne!(user_id(7), user_id(8));
+    }
+}
