@@ -31,6 +31,10 @@ pub struct DevArgs {
     /// http://<host>:<port>/line/webhook/<channel id>.
     #[arg(long, default_value_t = 8080, env = "HIBIKI_DEV_HTTP_PORT")]
     http_port: u16,
+    /// line-sim's Messaging API port (delivery calls it instead of
+    /// api.line.me); its admin API takes the port after it.
+    #[arg(long, default_value_t = 8090, env = "HIBIKI_DEV_LINE_SIM_PORT")]
+    line_sim_port: u16,
 }
 
 /// A service started by `hibiki dev`.
@@ -97,6 +101,7 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
 
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
+    let sim = start_line_sim(args).await?;
     let mut running = Vec::new();
     running.push(launch::<hibiki_gateway::Application>(args, 0, &shutdown).await?);
     running.push(launch::<hibiki_contacts::Application>(args, 1, &shutdown).await?);
@@ -117,6 +122,11 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
     println!(
         "\n  LINE webhooks: http://{}/line/webhook/{{channel_id}}",
         SocketAddr::new(args.host, args.http_port)
+    );
+    println!(
+        "  line-sim: Messaging API {}   admin {}",
+        sim.api_url(),
+        sim.admin_url()
     );
     println!(
         "  PostgreSQL {}   Redis {} (key prefix {:?})",
@@ -163,7 +173,35 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
             }
         }
     }
+    sim.stop().await;
     failed.map_or(Ok(()), Err)
+}
+
+/// line-sim, playing LINE for the demo channel, with the demo's two rich
+/// menus (aliases `normal` and `campaign`).
+async fn start_line_sim(args: &DevArgs) -> Result<hibiki_line_sim::LineSim, DevError> {
+    let config = hibiki_line_sim::SimConfig {
+        channels: vec![hibiki_line_sim::SimChannel {
+            channel_id: DEMO_CHANNEL.into(),
+            access_token: DEMO_ACCESS_TOKEN.into(),
+            secret: DEMO_SECRET.into(),
+        }],
+        ..Default::default()
+    };
+    let api = SocketAddr::new(args.host, args.line_sim_port);
+    let admin = SocketAddr::new(args.host, args.line_sim_port.saturating_add(1));
+    let sim = hibiki_line_sim::LineSim::start(config, api, admin)
+        .await
+        .map_err(|e| {
+            DevError::Missing(format!(
+                "hibiki dev: {e}\n  Another program holds the port; pick others with --line-sim-port."
+            ))
+        })?;
+    sim.sim()
+        .create_rich_menu(DEMO_CHANNEL, "Demo menu", Some("normal"));
+    sim.sim()
+        .create_rich_menu(DEMO_CHANNEL, "Spring campaign menu", Some("campaign"));
+    Ok(sim)
 }
 
 /// The demo tenant `hibiki dev` seeds.
@@ -172,6 +210,8 @@ const DEMO_TENANT: &str = "demo";
 const DEMO_CHANNEL: &str = "1000000001";
 /// Its channel secret (signs the demo's webhooks).
 const DEMO_SECRET: &str = "demo-channel-secret";
+/// Its channel access token (what delivery sends to line-sim).
+const DEMO_ACCESS_TOKEN: &str = "demo-access-token";
 /// Its campaign segment.
 const DEMO_SEGMENT: &str = "spring campaign";
 
@@ -210,7 +250,7 @@ async fn seed_demo(contacts: &Running, shared: &RuntimeConfig) -> Result<(), Str
             display_name: "Demo official account".into(),
             bot_user_id: String::new(),
             channel_secret: DEMO_SECRET.into(),
-            access_token: "demo-access-token".into(),
+            access_token: DEMO_ACCESS_TOKEN.into(),
         })
         .await
         .map_err(|s| s.message().to_owned())?;

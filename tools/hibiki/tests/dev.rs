@@ -42,8 +42,10 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
     let grpc_base = free_port_run(5);
     let metrics_base = free_port_run(5);
     let http_port = free_port();
+    let sim_port = free_port_run(2);
     let mut child = hibiki()
         .args(["dev", "--grpc-port", &grpc_base.to_string()])
+        .args(["--line-sim-port", &sim_port.to_string()])
         .args(["--metrics-port", &metrics_base.to_string()])
         .args(["--http-port", &http_port.to_string()])
         .env("HIBIKI_DATABASE_URL", database.url())
@@ -120,6 +122,72 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // line-sim plays LINE for the demo channel, with the demo's rich menus,
+    // and its storm of signed webhooks is accepted by the gateway.
+    let api = format!("http://127.0.0.1:{sim_port}");
+    let admin = format!("http://127.0.0.1:{}", sim_port + 1);
+    assert!(
+        printed.contains(&format!("line-sim: Messaging API {api}   admin {admin}")),
+        "line-sim not printed:\n{printed}"
+    );
+    let http = reqwest::Client::new();
+    let alias: serde_json::Value = http
+        .get(format!("{api}/v2/bot/richmenu/alias/campaign"))
+        .bearer_auth("demo-access-token")
+        .send()
+        .await
+        .expect("line-sim answers")
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        alias["richMenuId"]
+            .as_str()
+            .unwrap()
+            .starts_with("richmenu-"),
+        "{alias}"
+    );
+    let storm: serde_json::Value = http
+        .post(format!("{admin}/storms"))
+        .json(&serde_json::json!({
+            "url": format!("http://127.0.0.1:{http_port}/line/webhook/1000000001"),
+            "channel_id": "1000000001",
+            "users": 200,
+            "rate": 1000.0,
+            "kinds": ["follow", "text", "postback"],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = storm["storm_id"].as_u64().expect("a storm id");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let report: serde_json::Value = http
+            .get(format!("{admin}/storms/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if report["done"] == true {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the storm never ended: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(report["sent"], 200, "{report}");
+    assert_eq!(
+        report["accepted"], 200,
+        "every storm webhook is accepted: {report}"
+    );
 
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")

@@ -33,7 +33,9 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::Sim;
-use crate::state::{AcceptedKey, Fault, MenuChange, SentMessage, State, new_request_id, now_ms};
+use crate::state::{
+    AcceptedKey, Fault, MenuChange, SentMessage, State, new_request_id, new_rich_menu_id, now_ms,
+};
 
 /// The largest request body taken.
 const MAX_BODY: usize = 2 * 1024 * 1024;
@@ -589,11 +591,7 @@ fn create_rich_menu_work(s: &mut State, ctx: &Ctx) -> Answer {
     if !details.is_empty() {
         return Answer::invalid(details);
     }
-    let b: [u8; 16] = rand::rng().random();
-    let id = format!(
-        "richmenu-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    );
+    let id = new_rich_menu_id();
     let mut menu = ctx.body.clone();
     menu["richMenuId"] = json!(id);
     s.rich_menus

@@ -47,6 +47,33 @@ impl Sim {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Creates a rich menu for `channel_id` as LINE's create call would, with
+    /// an alias when one is given; returns its id (for seeding `hibiki dev`
+    /// and tests).
+    pub fn create_rich_menu(&self, channel_id: &str, name: &str, alias: Option<&str>) -> String {
+        let mut s = self.lock();
+        let id = state::new_rich_menu_id();
+        let menu = serde_json::json!({
+            "richMenuId": id,
+            "size": {"width": 2500, "height": 843},
+            "selected": false,
+            "name": name,
+            "chatBarText": name,
+            "areas": [],
+        });
+        s.rich_menus
+            .entry(channel_id.to_owned())
+            .or_default()
+            .insert(id.clone(), menu);
+        if let Some(alias) = alias {
+            s.aliases
+                .entry(channel_id.to_owned())
+                .or_default()
+                .insert(alias.to_owned(), id.clone());
+        }
+        id
+    }
+
     /// Resolves when the simulator stops.
     pub async fn stopped(&self) {
         self.stop.cancelled().await;

@@ -249,6 +249,15 @@ pub fn new_request_id() -> String {
     )
 }
 
+/// A fresh rich menu id, as LINE makes them (`richmenu-` and 32 hex).
+pub fn new_rich_menu_id() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    format!(
+        "richmenu-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
 impl State {
     /// The state of a fresh simulator.
     pub fn new(config: SimConfig) -> Self {
