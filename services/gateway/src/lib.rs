@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 
 pub mod line;
-pub mod registry;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -139,7 +138,7 @@ impl Service for Application {
             .clone();
         let log = EventLog::from_config(redis, &config.eventlog);
         let tasks = Shutdown::new();
-        let channels = registry::Channels::watch(&config.contacts_url, &token, tasks.clone())
+        let channels = hibiki_runtime::channels::Channels::watch(&config.contacts_url, &token, tasks.clone())
             .map_err(|e| HostError::Startup(e.to_string()))?;
         // Until the channels are loaded every webhook would get 503: report
         // NOT_SERVING so that no traffic is sent here yet. Once loaded, the

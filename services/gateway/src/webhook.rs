@@ -35,7 +35,7 @@ use tower::ServiceBuilder;
 use tracing::Instrument;
 
 use crate::line;
-use crate::registry::{Channels, Lookup};
+use hibiki_runtime::channels::{Channels, Lookup};
 
 /// The HTTP edge's limits.
 #[derive(Debug, Clone, PartialEq, Eq)]

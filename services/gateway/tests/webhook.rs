@@ -605,7 +605,7 @@ async fn metrics_count_outcomes_dedupe_hits_and_shard_lengths() {
             r#"hibiki_gateway_events_total{result="duplicate"}"#,
             "hibiki_eventlog_append_seconds_bucket",
             r#"hibiki_eventlog_length{shard="0"}"#,
-            "hibiki_gateway_channels",
+            "hibiki_channels_known",
         ];
         let missing: Vec<&str> = all.iter().copied().filter(|m| !text.contains(m)).collect();
         if missing.is_empty() {

@@ -1,18 +1,20 @@
-//! The channels the gateway accepts webhooks for, with their secrets, kept in
-//! memory from contacts' `WatchChannels` stream.
+//! The LINE channels a service works for, with their secrets and access
+//! tokens, kept in memory from contacts' `WatchChannels` stream (the gateway
+//! checks webhook signatures with them, delivery calls LINE with them).
 //!
 //! - The stream sends every channel, then `Synced`, then each change as it
 //!   commits, so a channel created in contacts is accepted here as soon as
 //!   its change arrives (well within a second).
-//! - When contacts is unreachable, the gateway keeps serving the channels it
+//! - When contacts is unreachable, the service keeps using the channels it
 //!   knows and reconnects (every 100 ms at first, then at most every
 //!   second). After a reconnect the new initial state replaces the old one
 //!   whole, so channels deleted in between go away too.
-//! - Before the first `Synced`, nothing is known: webhooks are answered 503
-//!   (LINE redelivers), not 404, since a channel's absence cannot be told
-//!   yet.
+//! - Before the first `Synced`, nothing is known ([`Lookup::NotLoaded`]):
+//!   the gateway answers webhooks 503 (LINE redelivers), not 404, since a
+//!   channel's absence cannot be told yet.
 //!
-//! Secrets are held as [`Secret`] and never logged.
+//! Secrets and tokens are held as [`Secret`] and never logged. Metrics:
+//! `hibiki_channels_known`, `hibiki_channel_registry_connected`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -21,16 +23,18 @@ use std::time::Duration;
 use hibiki_proto::contacts::v1::channel_registry_event::Event as RegistryEvent;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{ChannelCredentials, WatchChannelsRequest};
-use hibiki_runtime::grpc::{self, ClientInterceptor};
-use hibiki_runtime::{Secret, Shutdown};
+use crate::grpc::{self, ClientInterceptor};
+use crate::{Secret, Shutdown};
 
-/// What the gateway knows of one channel.
+/// What is known of one channel.
 #[derive(Debug)]
 pub struct ChannelKeys {
     /// The tenant owning the channel.
     pub tenant_id: String,
     /// The channel secret that signs its webhooks.
     pub secret: Secret,
+    /// The channel access token for the Messaging API.
+    pub access_token: Secret,
 }
 
 /// The answer to "which channel is this?".
@@ -67,7 +71,7 @@ pub enum RegistryError {
     Token(#[from] tonic::metadata::errors::InvalidMetadataValue),
 }
 
-/// contacts' tenant service, called with the gateway's service token.
+/// contacts' tenant service, called with the service's own token.
 type Client = TenantServiceClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClientInterceptor>,
 >;
@@ -112,7 +116,7 @@ impl Channels {
                 () = shutdown.cancelled() => return,
                 status = self.follow(&mut client, &mut retry) => status,
             };
-            metrics::gauge!("hibiki_gateway_registry_connected").set(0.0);
+            metrics::gauge!("hibiki_channel_registry_connected").set(0.0);
             // Warn once per outage (the first failure after a good stream,
             // or at start); the retries after it are debug.
             if retry == FIRST_RETRY {
@@ -187,14 +191,14 @@ impl Channels {
                             state.channels = map;
                             state.loaded = true;
                         }
-                        metrics::gauge!("hibiki_gateway_registry_connected").set(1.0);
+                        metrics::gauge!("hibiki_channel_registry_connected").set(1.0);
                         tracing::info!(channels = count, "channel registry loaded from contacts");
                         *retry = FIRST_RETRY;
                     }
                 }
                 None => {}
             }
-            metrics::gauge!("hibiki_gateway_channels").set(self.len() as f64);
+            metrics::gauge!("hibiki_channels_known").set(self.len() as f64);
         }
     }
 }
@@ -205,6 +209,7 @@ fn keys_of(c: ChannelCredentials) -> (String, Arc<ChannelKeys>) {
         Arc::new(ChannelKeys {
             tenant_id: c.tenant_id,
             secret: Secret::new(c.channel_secret),
+            access_token: Secret::new(c.access_token),
         }),
     )
 }
