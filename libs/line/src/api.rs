@@ -194,6 +194,33 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// Reads a limit setting, `ENDPOINT=N/s` or `ENDPOINT=N/h` (e.g.
+/// `push=2000/s`).
+pub fn parse_limit(setting: &str) -> Result<(Endpoint, Limit), String> {
+    let (name, rate) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("{setting:?}: expected ENDPOINT=N/s or ENDPOINT=N/h"))?;
+    let endpoint = Endpoint::from_name(name.trim()).ok_or_else(|| {
+        let names: Vec<&str> = Endpoint::ALL.iter().map(|e| e.name()).collect();
+        format!("{name}: not an endpoint ({})", names.join(", "))
+    })?;
+    let (n, unit) = rate
+        .split_once('/')
+        .ok_or_else(|| format!("{setting:?}: expected N/s or N/h"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{setting:?}: N must be a positive whole number"))?;
+    let limit = match unit.trim() {
+        "s" => Limit::per_second(n),
+        "h" => Limit::per_hour(n),
+        _ => return Err(format!("{setting:?}: the unit is s or h")),
+    };
+    Ok((endpoint, limit))
+}
+
 /// LINE's error body: `{"message": ..., "details": [{"message", "property"}]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -416,6 +443,17 @@ mod tests {
         assert!(!Endpoint::BulkLinkRichMenu.takes_retry_key());
         for e in Endpoint::ALL {
             assert_eq!(Endpoint::from_name(e.name()), Some(*e));
+        }
+        assert_eq!(
+            parse_limit("push=500/s"),
+            Ok((Endpoint::Push, Limit::per_second(500)))
+        );
+        assert_eq!(
+            parse_limit("broadcast=60/h"),
+            Ok((Endpoint::Broadcast, Limit::per_hour(60)))
+        );
+        for bad in ["push", "push=0/s", "push=5/m", "fax=5/s", "push=x/s"] {
+            assert!(parse_limit(bad).is_err(), "{bad}");
         }
     }
 }

@@ -26,6 +26,9 @@ use hibiki_proto::contacts::v1::{ChannelCredentials, WatchChannelsRequest};
 use crate::grpc::{self, ClientInterceptor};
 use crate::{Secret, Shutdown};
 
+/// Where contacts listens by default (`HIBIKI_CONTACTS_URL`).
+pub const DEFAULT_CONTACTS_URL: &str = "http://127.0.0.1:50052";
+
 /// What is known of one channel.
 #[derive(Debug)]
 pub struct ChannelKeys {

@@ -134,6 +134,31 @@ impl Redis {
         result
     }
 
+    /// Runs `script` with `keys` and `args` on the shared connection, by
+    /// its hash (`EVALSHA`), loading it first when Redis does not have it
+    /// (after a restart or a `SCRIPT FLUSH`).
+    pub async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, redis::RedisError> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.hash()).arg(keys.len()).arg(keys);
+        for a in args {
+            cmd.arg(*a);
+        }
+        match self.command(&cmd).await {
+            Err(e) if e.kind() == redis::ServerErrorKind::NoScript.into() => {
+                let _: String = self
+                    .command(redis::cmd("SCRIPT").arg("LOAD").arg(script.source))
+                    .await?;
+                self.command(&cmd).await
+            }
+            other => other,
+        }
+    }
+
     /// The connection pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -159,6 +184,97 @@ impl Redis {
         let mut conn = self.pool.get().await?;
         let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
         Ok(())
+    }
+}
+
+/// Replies of the stream commands, as `(entry id, payload)` pairs.
+pub mod streams {
+    use super::redis;
+
+    /// A stream entry's id and the payload of its one field.
+    pub type Entry = (String, Vec<u8>);
+    /// A stream entry as Redis sends it: id and fields (none once deleted).
+    type RawEntry = (String, Option<Vec<(String, Vec<u8>)>>);
+
+    fn unexpected(what: &str, value: &redis::Value) -> redis::RedisError {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected stream reply",
+            format!("{what}: {value:?}"),
+        ))
+    }
+
+    /// Entries' (id, value of `field`); entries without it (deleted while
+    /// pending) are skipped.
+    pub fn entries(value: redis::Value, field: &str) -> Result<Vec<Entry>, redis::RedisError> {
+        let items: Vec<redis::Value> = match value {
+            redis::Value::Nil => return Ok(Vec::new()),
+            other => redis::from_redis_value(other)?,
+        };
+        let mut entries = Vec::with_capacity(items.len());
+        for item in items {
+            let (id, fields): RawEntry = redis::from_redis_value(item)?;
+            if let Some(payload) = fields
+                .into_iter()
+                .flatten()
+                .find_map(|(f, v)| (f == field).then_some(v))
+            {
+                entries.push((id, payload));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// An `XREADGROUP` reply on one stream: nil or [[key, entries]].
+    pub fn read_reply(value: redis::Value, field: &str) -> Result<Vec<Entry>, redis::RedisError> {
+        let streams: Option<Vec<(String, redis::Value)>> = redis::from_redis_value(value)?;
+        match streams.and_then(|s| s.into_iter().next()) {
+            Some((_, entries)) => self::entries(entries, field),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// An `XAUTOCLAIM` reply: [next cursor, entries, deleted ids].
+    pub fn autoclaim_reply(
+        value: redis::Value,
+        field: &str,
+    ) -> Result<(String, Vec<Entry>), redis::RedisError> {
+        let redis::Value::Array(mut parts) = value else {
+            return Err(unexpected("XAUTOCLAIM", &value));
+        };
+        if parts.len() < 2 {
+            return Err(unexpected("XAUTOCLAIM", &redis::Value::Array(parts)));
+        }
+        let entries = self::entries(parts.swap_remove(1), field)?;
+        let cursor: String = redis::from_redis_value(parts.swap_remove(0))?;
+        Ok((cursor, entries))
+    }
+}
+
+/// A Lua script run by its SHA-1 ([`Redis::script`]).
+pub struct Script {
+    source: &'static str,
+    hash: std::sync::OnceLock<String>,
+}
+
+impl Script {
+    /// The script `source` (usually a `const`).
+    pub const fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            hash: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Its SHA-1, as `EVALSHA` names it.
+    pub fn hash(&self) -> &str {
+        self.hash.get_or_init(|| {
+            use sha1::Digest;
+            sha1::Sha1::digest(self.source.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
     }
 }
 

@@ -733,10 +733,18 @@ pub mod lifecycle {
     /// Health is NOT_SERVING while PostgreSQL is unreachable (from the
     /// start: migrations cannot run), and SERVING once it is reachable.
     pub async fn health_follows_postgres<S: Service>() {
+        health_follows_postgres_with::<S>(&[]).await;
+    }
+
+    /// [`health_follows_postgres`] with extra settings.
+    pub async fn health_follows_postgres_with<S: Service>(settings: &[(&str, &str)]) {
         let database = TestDatabase::create().await;
         let mut proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
         proxy.cut();
         let mut env = service_env(&database, None);
+        for (k, v) in settings {
+            env.insert((*k).into(), (*v).into());
+        }
         let name = database.url().rsplit('/').next().unwrap().to_owned();
         env.insert(
             "HIBIKI_DATABASE_URL".into(),

@@ -26,7 +26,7 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
 /// Default address of the webhook listener.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 /// Default address of contacts, whose channel registry the gateway follows.
-pub const DEFAULT_CONTACTS_URL: &str = "http://127.0.0.1:50052";
+pub use hibiki_runtime::channels::DEFAULT_CONTACTS_URL;
 
 /// The stores the gateway needs to report SERVING.
 const NEEDS: Needs = Needs {

@@ -52,7 +52,7 @@ struct Serve {
     channels: Vec<SimChannel>,
     /// A rate limit other than LINE's, as ENDPOINT=N/s or ENDPOINT=N/h, e.g.
     /// push=500/s (repeatable).
-    #[arg(long = "limit", value_parser = parse_limit)]
+    #[arg(long = "limit", value_parser = hibiki_line::api::parse_limit)]
     limits: Vec<(Endpoint, Limit)>,
     /// Fraction of requests answered 500 or 503.
     #[arg(long, default_value_t = 0.0)]
@@ -131,28 +131,6 @@ fn parse_channel(s: &str) -> Result<SimChannel, String> {
         }
         _ => Err("expected CHANNEL_ID:ACCESS_TOKEN:SECRET".into()),
     }
-}
-
-fn parse_limit(s: &str) -> Result<(Endpoint, Limit), String> {
-    let (name, rate) = s
-        .split_once('=')
-        .ok_or("expected ENDPOINT=N/s or ENDPOINT=N/h")?;
-    let endpoint = Endpoint::from_name(name).ok_or_else(|| {
-        let names: Vec<&str> = Endpoint::ALL.iter().map(|e| e.name()).collect();
-        format!("{name}: not an endpoint ({})", names.join(", "))
-    })?;
-    let (n, unit) = rate.split_once('/').ok_or("expected N/s or N/h")?;
-    let n: u32 = n
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or("N: a positive whole number")?;
-    let limit = match unit {
-        "s" => Limit::per_second(n),
-        "h" => Limit::per_hour(n),
-        _ => return Err("the unit is s or h".into()),
-    };
-    Ok((endpoint, limit))
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {

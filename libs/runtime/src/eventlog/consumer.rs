@@ -370,56 +370,14 @@ async fn create_group(log: &EventLog, group: &str, shard: u32) -> Result<(), Eve
 }
 
 /// A stream entry's id and payload.
-type Entry = (String, Vec<u8>);
-/// A stream entry as Redis sends it: id and fields (none once deleted).
-type RawEntry = (String, Option<Vec<(String, Vec<u8>)>>);
+type Entry = crate::redis::streams::Entry;
 
-/// (id, payload) of stream entries; entries without a payload (deleted
-/// while pending) are skipped.
-fn parse_entries(value: redis::Value) -> Result<Vec<Entry>, EventLogError> {
-    let items: Vec<redis::Value> = match value {
-        redis::Value::Nil => return Ok(Vec::new()),
-        other => redis::from_redis_value(other).map_err(|e| EventLogError(e.to_string()))?,
-    };
-    let mut entries = Vec::with_capacity(items.len());
-    for item in items {
-        let (id, fields): RawEntry =
-            redis::from_redis_value(item).map_err(|e| EventLogError(e.to_string()))?;
-        if let Some(payload) = fields
-            .into_iter()
-            .flatten()
-            .find_map(|(f, v)| (f == "p").then_some(v))
-        {
-            entries.push((id, payload));
-        }
-    }
-    Ok(entries)
-}
-
-/// An `XREADGROUP` reply on one stream: nil or [[key, entries]].
 fn parse_read(value: redis::Value) -> Result<Vec<Entry>, EventLogError> {
-    let streams: Option<Vec<(String, redis::Value)>> =
-        redis::from_redis_value(value).map_err(|e| EventLogError(e.to_string()))?;
-    match streams.and_then(|s| s.into_iter().next()) {
-        Some((_, entries)) => parse_entries(entries),
-        None => Ok(Vec::new()),
-    }
+    crate::redis::streams::read_reply(value, "p").map_err(|e| EventLogError(e.to_string()))
 }
 
-/// An `XAUTOCLAIM` reply: [next cursor, entries, deleted ids].
 fn parse_autoclaim(value: redis::Value) -> Result<(String, Vec<Entry>), EventLogError> {
-    let redis::Value::Array(mut parts) = value else {
-        return Err(EventLogError(format!(
-            "unexpected XAUTOCLAIM reply {value:?}"
-        )));
-    };
-    if parts.len() < 2 {
-        return Err(EventLogError("short XAUTOCLAIM reply".into()));
-    }
-    let entries = parse_entries(parts.swap_remove(1))?;
-    let cursor: String =
-        redis::from_redis_value(parts.swap_remove(0)).map_err(|e| EventLogError(e.to_string()))?;
-    Ok((cursor, entries))
+    crate::redis::streams::autoclaim_reply(value, "p").map_err(|e| EventLogError(e.to_string()))
 }
 
 /// Keeps this consumer's share of the shards until `stop`: heartbeat,

@@ -1,0 +1,314 @@
+//! delivery's Redis queues.
+//!
+//! Every key of a channel carries the channel as its hash tag (`{<channel>}`),
+//! so each script below touches one Cluster slot:
+//!
+//! | key | what |
+//! |---|---|
+//! | `<p>:dq:{ch}:q:<class>` | the ready queue: a stream of `QueuedCall`s (field `c`), read by the consumer group `delivery` |
+//! | `<p>:dq:{ch}:q:<class>:delayed` | retries and held sends: a sorted set of `QueuedCall`s by due time (ms) |
+//! | `<p>:dq:{ch}:q:<class>:lease` | the worker that owns the queue now (a lease, renewed while it works) |
+//! | `<p>:dq:{ch}:job:<job>` | a job's progress (hash), `…:ids` its LINE request ids (list, last 100) |
+//! | `<p>:dq:{ch}:idem:<tenant>:<key>` | idempotency key → job id |
+//! | `<p>:dq:{ch}:rl:<endpoint>`, `…:pause:<endpoint>` | the shared rate limit (GCRA) and a 429 pause |
+//! | `<p>:dq:active` | the queues with work (`<channel>\|<class>`), which workers look for |
+//! | `<p>:delivery:outcomes` | every call's outcome (`DeliveryOutcomeRecord`), for analytics |
+//!
+//! Two classes per channel: `rt` (scenario messages, replies, rich-menu
+//! switches) and `bulk` (segment broadcasts), so a broadcast never stands
+//! in front of a tap's answer.
+//!
+//! A call leaves the ready queue only in the same script that settles it:
+//! acknowledged and deleted with its job updated (sent, or dead-lettered),
+//! or moved to the delayed set (a retry, a 429 pause). A worker that dies
+//! holding calls leaves them pending in the group; the next owner of the
+//! queue claims them first.
+
+use hibiki_runtime::redis::{Redis, Script, redis};
+
+/// The consumer group every worker reads the queues through.
+pub const GROUP: &str = "delivery";
+
+/// A queue's class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Realtime: replies, scenario messages, rich-menu switches.
+    Realtime,
+    /// Bulk: segment broadcasts.
+    Bulk,
+}
+
+impl Class {
+    /// Its name in keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Realtime => "rt",
+            Class::Bulk => "bulk",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "rt" => Some(Class::Realtime),
+            "bulk" => Some(Class::Bulk),
+            _ => None,
+        }
+    }
+}
+
+/// One channel's queue of one class.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId {
+    pub channel_id: String,
+    pub class: Class,
+}
+
+impl QueueId {
+    /// The member of the active set naming this queue.
+    pub fn member(&self) -> String {
+        format!("{}|{}", self.channel_id, self.class.name())
+    }
+
+    /// The queue a member of the active set names.
+    pub fn from_member(member: &str) -> Option<Self> {
+        let (channel, class) = member.rsplit_once('|')?;
+        Some(Self {
+            channel_id: channel.to_owned(),
+            class: Class::from_name(class)?,
+        })
+    }
+}
+
+/// The key layout under a Redis prefix.
+#[derive(Clone)]
+pub struct Keys {
+    redis: Redis,
+}
+
+impl Keys {
+    pub fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    fn channel(&self, channel_id: &str, rest: &str) -> String {
+        format!("{}:dq:{{{channel_id}}}:{rest}", self.redis.prefix())
+    }
+
+    pub fn stream(&self, q: &QueueId) -> String {
+        self.channel(&q.channel_id, &format!("q:{}", q.class.name()))
+    }
+
+    pub fn delayed(&self, q: &QueueId) -> String {
+        self.channel(&q.channel_id, &format!("q:{}:delayed", q.class.name()))
+    }
+
+    pub fn lease(&self, q: &QueueId) -> String {
+        self.channel(&q.channel_id, &format!("q:{}:lease", q.class.name()))
+    }
+
+    pub fn job(&self, channel_id: &str, job_id: &str) -> String {
+        self.channel(channel_id, &format!("job:{job_id}"))
+    }
+
+    pub fn job_ids(&self, channel_id: &str, job_id: &str) -> String {
+        self.channel(channel_id, &format!("job:{job_id}:ids"))
+    }
+
+    pub fn idem(&self, channel_id: &str, tenant_id: &str, key: &str) -> String {
+        self.channel(channel_id, &format!("idem:{tenant_id}:{key}"))
+    }
+
+    pub fn rate(&self, channel_id: &str, endpoint: &str) -> String {
+        self.channel(channel_id, &format!("rl:{endpoint}"))
+    }
+
+    pub fn pause(&self, channel_id: &str, endpoint: &str) -> String {
+        self.channel(channel_id, &format!("pause:{endpoint}"))
+    }
+
+    pub fn active(&self) -> String {
+        self.redis.key(&["dq", "active"])
+    }
+
+    pub fn outcomes(&self) -> String {
+        self.redis.key(&["delivery", "outcomes"])
+    }
+}
+
+/// Queues a new job's call, unless the idempotency key has a job already.
+/// KEYS: idem, job, stream, delayed. ARGV: job id, ttl ms, max queue length,
+/// call, due ms (0: now), then the job's fields (tenant, kind, channel,
+/// idempotency key, recipients). Returns {status, job id}: 1 queued, 0 a
+/// repeat (the existing job), 2 the queue is full.
+pub static ENQUEUE: Script = Script::new(
+    r#"
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then
+  return {2, ''}
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'tenant', ARGV[6], 'kind', ARGV[7], 'channel', ARGV[8],
+  'idem', ARGV[9], 'total', ARGV[10], 'succeeded', 0, 'failed', 0, 'attempts', 0,
+  'created', now, 'updated', now)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local due = tonumber(ARGV[5])
+if due > now then
+  redis.call('ZADD', KEYS[4], due, ARGV[4])
+else
+  redis.call('XADD', KEYS[3], '*', 'c', ARGV[4])
+end
+return {1, ARGV[1]}
+"#,
+);
+
+/// Coalesces calls: adds the merged call and removes its sources, at once.
+/// KEYS: stream. ARGV: merged call, then the sources' entry ids.
+pub static MERGE: Script = Script::new(
+    r#"
+redis.call('XADD', KEYS[1], '*', 'c', ARGV[1])
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], 'delivery', ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+return 1
+"#,
+);
+
+/// Settles one call. KEYS: stream, delayed, then per part its job hash and
+/// its request-id list. ARGV: entry id, mode (`ok`, `dead`, `delay`),
+/// delay ms, the call as it goes back (for `delay`), LINE request id,
+/// error, ttl ms, whether this counts as an attempt (1/0), then per part its
+/// recipients. `ok` and `dead` add the recipients to the jobs' succeeded or
+/// failed; `delay` puts the call in the delayed set; every mode removes the
+/// entry from the ready queue.
+pub static SETTLE: Script = Script::new(
+    r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local mode = ARGV[2]
+local parts = (#KEYS - 2) / 2
+for i = 1, parts do
+  local job = KEYS[2 + 2 * i - 1]
+  local ids = KEYS[2 + 2 * i]
+  if redis.call('EXISTS', job) == 1 then
+    local n = tonumber(ARGV[8 + i])
+    if mode == 'ok' then redis.call('HINCRBY', job, 'succeeded', n) end
+    if mode == 'dead' then redis.call('HINCRBY', job, 'failed', n) end
+    if ARGV[8] == '1' then redis.call('HINCRBY', job, 'attempts', 1) end
+    if ARGV[6] ~= '' then redis.call('HSET', job, 'last_error', ARGV[6]) end
+    redis.call('HSET', job, 'updated', now)
+    if ARGV[5] ~= '' then
+      redis.call('RPUSH', ids, ARGV[5])
+      redis.call('LTRIM', ids, -100, -1)
+      redis.call('PEXPIRE', ids, ARGV[7])
+    end
+  end
+end
+if mode == 'delay' then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+end
+redis.call('XACK', KEYS[1], 'delivery', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"#,
+);
+
+/// Moves due calls from the delayed set back to the ready queue.
+/// KEYS: stream, delayed. ARGV: the most to move. Returns how many moved.
+pub static REQUEUE_DUE: Script = Script::new(
+    r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, c in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'c', c)
+  redis.call('ZREM', KEYS[2], c)
+end
+return #due
+"#,
+);
+
+/// Takes up to ARGV[3] requests from a GCRA limit. KEYS: state, pause.
+/// ARGV: emission interval (µs), tolerance (µs), wanted. Returns {granted,
+/// ms to wait before asking again}.
+pub static ACQUIRE: Script = Script::new(
+    r#"
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then return {0, paused} end
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local granted = 0
+while granted < tonumber(ARGV[3]) and tat - now <= tolerance do
+  tat = tat + interval
+  granted = granted + 1
+end
+if granted > 0 then
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+local wait = 0
+if tat - now > tolerance then wait = math.ceil((tat - now - tolerance) / 1000) end
+return {granted, wait}
+"#,
+);
+
+/// Renews a lease held by ARGV[1] for ARGV[2] ms; 0 when it is not held.
+pub static RENEW: Script = Script::new(
+    r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#,
+);
+
+/// Releases a lease held by ARGV[1] if the queue is empty (ready and
+/// delayed). KEYS: lease, stream, delayed. Returns 1 when released.
+pub static RELEASE_IF_EMPTY: Script = Script::new(
+    r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('XLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[3]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"#,
+);
+
+/// Releases a lease held by ARGV[1], whatever the queue holds.
+pub static RELEASE: Script = Script::new(
+    r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+);
+
+/// Whether a Redis error is "the group exists already".
+pub fn is_busy_group(e: &redis::RedisError) -> bool {
+    e.code() == Some("BUSYGROUP")
+}
+
+/// Puts a replayed dead letter back on the ready queue and takes its
+/// recipients off the jobs' failed counts. KEYS: stream, then the parts'
+/// job hashes. ARGV: the call, then per part its recipients.
+pub static REPLAY: Script = Script::new(
+    r#"
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local failed = tonumber(redis.call('HGET', KEYS[i], 'failed') or '0')
+    local n = math.min(failed, tonumber(ARGV[i]))
+    redis.call('HINCRBY', KEYS[i], 'failed', -n)
+  end
+end
+redis.call('XADD', KEYS[1], '*', 'c', ARGV[1])
+return 1
+"#,
+);

@@ -1,0 +1,1010 @@
+//! The workers that empty delivery's queues into LINE.
+//!
+//! Each replica runs one dispatcher. It watches the set of queues with work
+//! and takes a lease on each free one; the lease holder alone reads that
+//! queue, so a channel's calls are coalesced in one place. Per queue:
+//!
+//! 1. A new owner first claims the calls a previous owner left pending
+//!    (`XAUTOCLAIM`): a worker that died mid-call is reclaimed, and the
+//!    call goes out again with the same retry key (LINE answers 409).
+//! 2. New calls are read in batches. Rich menu links to one menu, and
+//!    identical pushes to users, are coalesced into bulk links and
+//!    multicasts of up to 500 users, waiting a few milliseconds for more to
+//!    arrive; a merged call replaces its sources in one script, so it is
+//!    retried as the unit that was sent.
+//! 3. Each call waits for the channel's shared rate limit for its endpoint
+//!    (GCRA in Redis, a little under LINE's numbers), then is sent, and
+//!    settled by LINE's answer: sent (2xx, 409), retried with backoff and
+//!    jitter (5xx, timeout), paused without spending an attempt (429: the
+//!    whole endpoint of the channel waits), or dead-lettered (other 4xx,
+//!    or the last attempt).
+//!
+//! Every channel's queue runs on its own, with its own limit and at most
+//! `channel_concurrency` calls in flight, so one tenant's backlog never
+//! holds up another's taps; bulk queues (segment broadcasts) also share a
+//! small pool of send permits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hibiki_line::api::{Endpoint, Limit, MAX_RECIPIENTS};
+use hibiki_proto::delivery::v1::{
+    Attempt, CallKind, DeliveryOutcome, DeliveryOutcomeRecord, QueuedCall,
+};
+use hibiki_runtime::channels::{Channels, Lookup};
+use hibiki_runtime::redis::{redis, streams};
+use hibiki_runtime::{Shutdown, timestamp};
+use prost::Message;
+use rand::Rng;
+use tokio::sync::Semaphore;
+
+use crate::deadletters::DeadLetters;
+use crate::keys;
+use crate::line::{Answer, LineApi, Verdict, endpoint_of};
+use crate::queue::{self, Class, GROUP, Keys, QueueId};
+
+/// How the workers behave.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// How long a queue's lease lasts without renewal (a dead worker's
+    /// queues are taken over after this).
+    pub lease: Duration,
+    /// Attempts before a call is dead-lettered.
+    pub max_attempts: usize,
+    /// The first retry's delay; doubled per attempt, with jitter.
+    pub backoff_base: Duration,
+    /// The longest delay between attempts.
+    pub backoff_cap: Duration,
+    /// How long a channel's endpoint waits after LINE answered 429.
+    pub pause_on_429: Duration,
+    /// Calls in flight per channel queue.
+    pub channel_concurrency: usize,
+    /// Calls in flight for all bulk queues of this worker.
+    pub bulk_concurrency: usize,
+    /// How long a link or push waits for others to coalesce with.
+    pub coalesce_window: Duration,
+    /// The share of LINE's limit delivery uses (a little under 1, so that
+    /// clocks and bursts never push a channel over).
+    pub rate_share: f64,
+    /// Limits other than LINE's.
+    pub limits: BTreeMap<Endpoint, Limit>,
+    /// How long jobs and idempotency keys are kept.
+    pub job_ttl: Duration,
+    /// How often the dispatcher looks for queues with work.
+    pub poll: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+            max_attempts: 8,
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(60),
+            pause_on_429: Duration::from_secs(1),
+            channel_concurrency: 128,
+            bulk_concurrency: 16,
+            coalesce_window: Duration::from_millis(5),
+            rate_share: 0.98,
+            limits: BTreeMap::new(),
+            job_ttl: Duration::from_secs(7 * 24 * 3600),
+            poll: Duration::from_millis(20),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The limit delivery keeps to for `endpoint`: LINE's (or the
+    /// configured one) times the share.
+    pub fn limit(&self, endpoint: Endpoint) -> Limit {
+        self.limits
+            .get(&endpoint)
+            .copied()
+            .unwrap_or_else(|| endpoint.default_limit())
+    }
+
+    /// The retry delay after `attempts` failed attempts: exponential, capped,
+    /// with full jitter over its upper half.
+    pub fn backoff(&self, attempts: usize) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+        let d = exp.min(self.backoff_cap);
+        d.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+/// What every queue task shares.
+struct Ctx {
+    keys: Keys,
+    line: LineApi,
+    channels: Channels,
+    dead: DeadLetters,
+    config: WorkerConfig,
+    /// This worker's name in leases and the consumer group.
+    name: String,
+    bulk: Semaphore,
+    shutdown: Shutdown,
+}
+
+/// Starts this replica's dispatcher; it runs until `shutdown`.
+pub fn start(
+    keys: Keys,
+    line: LineApi,
+    channels: Channels,
+    dead: DeadLetters,
+    config: WorkerConfig,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let b: [u8; 6] = rand::rng().random();
+    let name = format!(
+        "{}-{}",
+        std::process::id(),
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    );
+    let ctx = Arc::new(Ctx {
+        keys,
+        line,
+        channels,
+        dead,
+        bulk: Semaphore::new(config.bulk_concurrency.max(1)),
+        config,
+        name,
+        shutdown,
+    });
+    tokio::spawn(dispatch(ctx))
+}
+
+/// Takes the lease of every queue with work that nobody holds, and runs it.
+async fn dispatch(ctx: Arc<Ctx>) {
+    let mut owned: HashMap<QueueId, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut warned = false;
+    loop {
+        owned.retain(|_, task| !task.is_finished());
+        match active_queues(&ctx).await {
+            Ok(queues) => {
+                warned = false;
+                for q in queues {
+                    if owned.contains_key(&q) {
+                        continue;
+                    }
+                    match take_lease(&ctx, &q).await {
+                        Ok(true) => {
+                            let task = tokio::spawn(run_queue(ctx.clone(), q.clone()));
+                            owned.insert(q, task);
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::debug!(error = %e, "lease not taken"),
+                    }
+                }
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "delivery queues unreadable; retrying");
+            }
+            Err(_) => {}
+        }
+        metrics::gauge!("hibiki_delivery_queues_owned").set(owned.len() as f64);
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => break,
+            () = tokio::time::sleep(ctx.config.poll) => {}
+        }
+    }
+    for (_, task) in owned {
+        let _ = task.await;
+    }
+}
+
+async fn active_queues(ctx: &Ctx) -> Result<Vec<QueueId>, redis::RedisError> {
+    let members: Vec<String> = ctx
+        .keys
+        .redis()
+        .command(redis::cmd("SMEMBERS").arg(ctx.keys.active()))
+        .await?;
+    let mut queues: Vec<QueueId> = members
+        .iter()
+        .filter_map(|m| QueueId::from_member(m))
+        .collect();
+    // Realtime queues first.
+    queues.sort_by_key(|q| q.class);
+    Ok(queues)
+}
+
+async fn take_lease(ctx: &Ctx, q: &QueueId) -> Result<bool, redis::RedisError> {
+    let taken: Option<String> = ctx
+        .keys
+        .redis()
+        .command(
+            redis::cmd("SET")
+                .arg(ctx.keys.lease(q))
+                .arg(&ctx.name)
+                .arg("NX")
+                .arg("PX")
+                .arg(ctx.config.lease.as_millis() as u64),
+        )
+        .await?;
+    Ok(taken.is_some())
+}
+
+/// A call read from a queue, with its entry id.
+type Read = (String, QueuedCall);
+
+/// What to do with what was read.
+#[derive(Debug)]
+pub enum Action {
+    /// Replace these entries with one merged call.
+    Merge(Vec<String>, QueuedCall),
+    /// Send this call.
+    Send(String, QueuedCall),
+}
+
+/// Whether a call may be coalesced: new (never attempted, merged or
+/// replayed), a link, an unlink, or a push to a user.
+fn coalescable(call: &QueuedCall) -> bool {
+    if call.merged || !call.attempts.is_empty() || call.replay_count > 0 {
+        return false;
+    }
+    match call.kind() {
+        CallKind::LinkRichMenu | CallKind::UnlinkRichMenu => true,
+        CallKind::Push => call.parts.iter().all(|p| {
+            p.user_ids
+                .iter()
+                .all(|u| hibiki_line::api::is_user_id(u))
+        }),
+        _ => false,
+    }
+}
+
+/// The group a coalescable call joins: calls in one group can leave as one.
+fn group_key(call: &QueuedCall) -> String {
+    match call.kind() {
+        CallKind::LinkRichMenu => format!("link\u{0}{}", call.rich_menu_id),
+        CallKind::UnlinkRichMenu => "unlink".to_owned(),
+        _ => format!(
+            "push\u{0}{}\u{0}{}",
+            call.notification_disabled,
+            call.messages_json.join("\u{0}")
+        ),
+    }
+}
+
+fn users_of(call: &QueuedCall) -> usize {
+    call.parts.iter().map(|p| p.user_ids.len()).sum()
+}
+
+/// Decides, for a batch read from one queue, which calls merge and which
+/// leave as they are. Groups of coalescable calls become merged calls of
+/// at most `max_users` users (a group of one is sent as it is).
+pub fn coalesce(batch: Vec<Read>, max_users: usize) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut groups: BTreeMap<String, Vec<Read>> = BTreeMap::new();
+    for (id, call) in batch {
+        if coalescable(&call) && users_of(&call) < max_users {
+            groups.entry(group_key(&call)).or_default().push((id, call));
+        } else {
+            actions.push(Action::Send(id, call));
+        }
+    }
+    for (_, members) in groups {
+        let mut chunk: Vec<Read> = Vec::new();
+        let mut users = 0;
+        let flush = |chunk: &mut Vec<Read>, actions: &mut Vec<Action>| match chunk.len() {
+            0 => {}
+            1 => {
+                let (id, call) = chunk.pop().expect("one");
+                actions.push(Action::Send(id, call));
+            }
+            _ => {
+                let taken = std::mem::take(chunk);
+                actions.push(merged(taken));
+            }
+        };
+        for (id, call) in members {
+            let n = users_of(&call);
+            if users + n > max_users {
+                flush(&mut chunk, &mut actions);
+                users = 0;
+            }
+            users += n;
+            chunk.push((id, call));
+        }
+        flush(&mut chunk, &mut actions);
+    }
+    actions
+}
+
+fn merged(sources: Vec<Read>) -> Action {
+    let ids: Vec<String> = sources.iter().map(|(id, _)| id.clone()).collect();
+    let mut calls = sources.into_iter().map(|(_, c)| c);
+    let mut call = calls.next().expect("a merge has sources");
+    for other in calls {
+        call.queued_at_ms = call.queued_at_ms.min(other.queued_at_ms);
+        call.parts.extend(other.parts);
+    }
+    if call.kind() == CallKind::Push {
+        call.set_kind(CallKind::Multicast);
+        let part_keys: Vec<&str> = call.parts.iter().map(|p| p.retry_key.as_str()).collect();
+        call.retry_key = keys::merged_retry_key(&part_keys);
+    }
+    call.merged = true;
+    Action::Merge(ids, call)
+}
+
+/// Reads and sends one queue's calls while this worker holds its lease.
+async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
+    let stream = ctx.keys.stream(&q);
+    let redis = ctx.keys.redis().clone();
+    let mut create = redis::cmd("XGROUP");
+    create
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM");
+    if let Err(e) = redis.command::<()>(&create).await
+        && !queue::is_busy_group(&e)
+    {
+        tracing::warn!(queue = %q.member(), error = %e, "queue group not created");
+        release(&ctx, &q).await;
+        return;
+    }
+    let mut inflight = FuturesUnordered::new();
+    // Until it is through, the XAUTOCLAIM cursor over calls a previous
+    // owner left pending.
+    let mut reclaim: Option<String> = Some("0-0".to_owned());
+    let mut renewed = Instant::now();
+    let mut requeued = Instant::now() - Duration::from_secs(1);
+    let mut idle_since: Option<Instant> = None;
+    let mut nap = Duration::from_millis(2);
+    let batch = MAX_RECIPIENTS;
+    loop {
+        if ctx.shutdown.is_triggered() {
+            break;
+        }
+        if renewed.elapsed() >= ctx.config.lease / 3 {
+            match renew(&ctx, &q).await {
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => {
+                    tracing::warn!(queue = %q.member(), "queue lease lost; another worker has it");
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "lease not renewed; retrying"),
+            }
+        }
+        if requeued.elapsed() >= Duration::from_millis(20) {
+            requeued = Instant::now();
+            let _: Result<i64, _> = redis
+                .script(
+                    &queue::REQUEUE_DUE,
+                    &[&stream, &ctx.keys.delayed(&q)],
+                    &[b"1000"],
+                )
+                .await;
+        }
+        while let Some(Some(())) = futures::FutureExt::now_or_never(inflight.next()) {}
+        let room = ctx.config.channel_concurrency.saturating_sub(inflight.len());
+        if room == 0 {
+            inflight.next().await;
+            continue;
+        }
+        let read = match reclaim.take() {
+            Some(cursor) => match read_pending(&ctx, &stream, &cursor, room).await {
+                Ok((next, calls)) => {
+                    if next != "0-0" {
+                        reclaim = Some(next);
+                    }
+                    Ok(calls)
+                }
+                Err(e) => {
+                    reclaim = Some(cursor);
+                    Err(e)
+                }
+            },
+            None => read_new(&ctx, &stream, room.min(batch)).await,
+        };
+        let mut calls = match read {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(queue = %q.member(), error = %e, "queue unreadable; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if calls.is_empty() {
+            if inflight.is_empty() {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(1) && release_if_empty(&ctx, &q).await {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = inflight.next(), if !inflight.is_empty() => {}
+                () = tokio::time::sleep(nap) => {}
+            }
+            nap = (nap * 2).min(Duration::from_millis(20));
+            continue;
+        }
+        idle_since = None;
+        nap = Duration::from_millis(2);
+        // Let more links and pushes arrive to coalesce with.
+        if reclaim.is_none()
+            && calls.len() < batch
+            && !ctx.config.coalesce_window.is_zero()
+            && calls.iter().any(|(_, c)| coalescable(c))
+        {
+            tokio::time::sleep(ctx.config.coalesce_window).await;
+            if let Ok(more) = read_new(&ctx, &stream, batch - calls.len()).await {
+                calls.extend(more);
+            }
+        }
+        for action in coalesce(calls, MAX_RECIPIENTS) {
+            match action {
+                Action::Merge(ids, call) => {
+                    let bytes = call.encode_to_vec();
+                    let mut args: Vec<&[u8]> = vec![&bytes];
+                    args.extend(ids.iter().map(|i| i.as_bytes()));
+                    if let Err(e) = redis
+                        .script::<i64>(&queue::MERGE, &[&stream], &args)
+                        .await
+                    {
+                        // The sources stay pending under this worker; the
+                        // next owner of the queue sends them.
+                        tracing::warn!(queue = %q.member(), error = %e, "calls not merged");
+                    } else {
+                        metrics::counter!("hibiki_delivery_coalesced_total")
+                            .increment(ids.len() as u64);
+                    }
+                }
+                Action::Send(id, call) => {
+                    inflight.push(send(ctx.clone(), q.clone(), id, call));
+                }
+            }
+        }
+    }
+    // Stopping: let the calls in flight finish and settle, then hand the
+    // queue over at once.
+    while inflight.next().await.is_some() {}
+    release(&ctx, &q).await;
+}
+
+fn decode(entries: Vec<streams::Entry>) -> Vec<Read> {
+    entries
+        .into_iter()
+        .filter_map(|(id, bytes)| match QueuedCall::decode(bytes.as_slice()) {
+            Ok(call) => Some((id, call)),
+            Err(e) => {
+                tracing::error!(entry = %id, error = %e, "undecodable queued call left pending");
+                None
+            }
+        })
+        .collect()
+}
+
+async fn read_new(ctx: &Ctx, stream: &str, count: usize) -> Result<Vec<Read>, redis::RedisError> {
+    let value: redis::Value = ctx
+        .keys
+        .redis()
+        .command(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&ctx.name)
+                .arg("COUNT")
+                .arg(count)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">"),
+        )
+        .await?;
+    Ok(decode(streams::read_reply(value, "c")?))
+}
+
+async fn read_pending(
+    ctx: &Ctx,
+    stream: &str,
+    cursor: &str,
+    count: usize,
+) -> Result<(String, Vec<Read>), redis::RedisError> {
+    let value: redis::Value = ctx
+        .keys
+        .redis()
+        .command(
+            redis::cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(&ctx.name)
+                .arg(0)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(count),
+        )
+        .await?;
+    let (next, entries) = streams::autoclaim_reply(value, "c")?;
+    Ok((next, decode(entries)))
+}
+
+async fn renew(ctx: &Ctx, q: &QueueId) -> Result<bool, redis::RedisError> {
+    let ms = ctx.config.lease.as_millis().to_string();
+    let renewed: i64 = ctx
+        .keys
+        .redis()
+        .script(
+            &queue::RENEW,
+            &[&ctx.keys.lease(q)],
+            &[ctx.name.as_bytes(), ms.as_bytes()],
+        )
+        .await?;
+    Ok(renewed == 1)
+}
+
+async fn release(ctx: &Ctx, q: &QueueId) {
+    let _: Result<i64, _> = ctx
+        .keys
+        .redis()
+        .script(&queue::RELEASE, &[&ctx.keys.lease(q)], &[ctx.name.as_bytes()])
+        .await;
+}
+
+/// Gives the queue up when it is empty; takes it off the active set (and
+/// puts it back if a call arrived meanwhile). True when given up.
+async fn release_if_empty(ctx: &Ctx, q: &QueueId) -> bool {
+    let redis = ctx.keys.redis();
+    let (stream, delayed) = (ctx.keys.stream(q), ctx.keys.delayed(q));
+    let released: Result<i64, _> = redis
+        .script(
+            &queue::RELEASE_IF_EMPTY,
+            &[&ctx.keys.lease(q), &stream, &delayed],
+            &[ctx.name.as_bytes()],
+        )
+        .await;
+    if released.ok() != Some(1) {
+        return false;
+    }
+    let member = q.member();
+    let _: Result<i64, _> = redis
+        .command(redis::cmd("SREM").arg(ctx.keys.active()).arg(&member))
+        .await;
+    // An enqueue between the check and SREM added its call and then its
+    // SADD, which SREM may have undone: look again.
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN").arg(&stream).cmd("ZCARD").arg(&delayed);
+    if let Ok((ready, later)) = redis.pipeline::<(i64, i64)>(&pipe).await
+        && ready + later > 0
+    {
+        let _: Result<i64, _> = redis
+            .command(redis::cmd("SADD").arg(ctx.keys.active()).arg(&member))
+            .await;
+    }
+    true
+}
+
+/// Waits until the channel's limit for `endpoint` lets one call through.
+async fn acquire(ctx: &Ctx, channel_id: &str, endpoint: Endpoint) {
+    let limit = ctx.config.limit(endpoint);
+    let interval_us = 1e6 / (limit.rate() * ctx.config.rate_share);
+    // A burst of at most 1 % of a second's calls (at least one).
+    let tolerance_us = (interval_us * (limit.rate() / 100.0).max(1.0)).round();
+    let (interval, tolerance) = (
+        format!("{interval_us:.0}"),
+        format!("{tolerance_us:.0}"),
+    );
+    let keys = [
+        ctx.keys.rate(channel_id, endpoint.name()),
+        ctx.keys.pause(channel_id, endpoint.name()),
+    ];
+    let started = Instant::now();
+    loop {
+        let result: Result<(i64, i64), _> = ctx
+            .keys
+            .redis()
+            .script(
+                &queue::ACQUIRE,
+                &[&keys[0], &keys[1]],
+                &[interval.as_bytes(), tolerance.as_bytes(), b"1"],
+            )
+            .await;
+        let wait = match result {
+            Ok((granted, _)) if granted > 0 => break,
+            Ok((_, wait)) => Duration::from_millis(wait.max(1) as u64),
+            Err(e) => {
+                tracing::debug!(error = %e, "rate limit unreadable; waiting");
+                Duration::from_millis(100)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+    metrics::histogram!("hibiki_delivery_rate_wait_seconds", "endpoint" => endpoint.name())
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// How a call settles in Redis.
+enum Settle {
+    /// Sent: the parts' recipients succeeded.
+    Sent,
+    /// Failed for good: the parts' recipients failed.
+    Dead,
+    /// Back to the delayed set for `after`, as `call`.
+    Later {
+        after: Duration,
+        call: Box<QueuedCall>,
+        attempt: bool,
+    },
+}
+
+/// Sends one call and settles it.
+async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
+    let endpoint = endpoint_of(&call);
+    let token = loop {
+        match ctx.channels.lookup(&call.channel_id) {
+            Lookup::Found(keys) => break Some(keys.access_token.expose().to_owned()),
+            Lookup::Unknown => break None,
+            Lookup::NotLoaded => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let Some(token) = token else {
+        let answer = Answer {
+            status: 0,
+            body: format!("channel {} is no longer registered in contacts", call.channel_id),
+            request_id: String::new(),
+        };
+        dead_letter(&ctx, &q, &id, call, endpoint, &answer).await;
+        return;
+    };
+    acquire(&ctx, &call.channel_id, endpoint).await;
+    let _permit = match q.class {
+        Class::Bulk => ctx.bulk.acquire().await.ok(),
+        Class::Realtime => None,
+    };
+    let started = Instant::now();
+    let answer = ctx.line.send(&call, &token).await;
+    let verdict = answer.verdict();
+    metrics::histogram!("hibiki_delivery_call_seconds", "endpoint" => endpoint.name())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("hibiki_delivery_calls_total", "endpoint" => endpoint.name(), "status" => answer.status.to_string())
+        .increment(1);
+    match verdict {
+        Verdict::Accepted | Verdict::AlreadyAccepted => {
+            let outcome = if verdict == Verdict::Accepted {
+                DeliveryOutcome::Accepted
+            } else {
+                DeliveryOutcome::AlreadyAccepted
+            };
+            settle(&ctx, &q, &id, &call, Settle::Sent, &answer, "").await;
+            publish(&ctx, &call, endpoint, outcome).await;
+        }
+        Verdict::RateLimited => {
+            // LINE processed nothing: the whole endpoint of the channel
+            // waits, and the call goes back without spending an attempt.
+            let pause = ctx.config.pause_on_429;
+            let _: Result<(), _> = ctx
+                .keys
+                .redis()
+                .command(
+                    redis::cmd("SET")
+                        .arg(ctx.keys.pause(&call.channel_id, endpoint.name()))
+                        .arg(1)
+                        .arg("PX")
+                        .arg(pause.as_millis() as u64),
+                )
+                .await;
+            metrics::counter!("hibiki_delivery_rate_limited_total", "endpoint" => endpoint.name())
+                .increment(1);
+            let later = Settle::Later {
+                after: pause,
+                call: Box::new(call.clone()),
+                attempt: false,
+            };
+            settle(&ctx, &q, &id, &call, later, &answer, "429 from LINE: paused").await;
+            publish(&ctx, &call, endpoint, DeliveryOutcome::Retrying).await;
+        }
+        Verdict::Dead
+            if call.kind() == CallKind::Reply
+                && answer.status == 400
+                && !call.reply_fallback_to.is_empty() =>
+        {
+            // The reply token is spent or expired: push instead.
+            let mut push = call.clone();
+            push.set_kind(CallKind::Push);
+            push.reply_token.clear();
+            push.retry_key = push.fallback_retry_key.clone();
+            for p in &mut push.parts {
+                p.user_ids = vec![push.reply_fallback_to.clone()];
+            }
+            let later = Settle::Later {
+                after: Duration::ZERO,
+                call: Box::new(push),
+                attempt: false,
+            };
+            settle(&ctx, &q, &id, &call, later, &answer, "reply token invalid: pushing").await;
+        }
+        Verdict::Dead => dead_letter(&ctx, &q, &id, call, endpoint, &answer).await,
+        Verdict::Retry => {
+            call.attempts.push(Attempt {
+                at: Some(timestamp::to_proto(chrono::Utc::now())),
+                status: i32::from(answer.status),
+                error: answer.body.chars().take(500).collect(),
+                line_request_id: answer.request_id.clone(),
+            });
+            if call.attempts.len() >= ctx.config.max_attempts {
+                dead_letter(&ctx, &q, &id, call, endpoint, &answer).await;
+                return;
+            }
+            metrics::counter!("hibiki_delivery_retries_total", "endpoint" => endpoint.name())
+                .increment(1);
+            let after = ctx.config.backoff(call.attempts.len());
+            let error = format!("LINE answered {}: retrying", answer.status);
+            let later = Settle::Later {
+                after,
+                call: Box::new(call.clone()),
+                attempt: true,
+            };
+            settle(&ctx, &q, &id, &call, later, &answer, &error).await;
+            publish(&ctx, &call, endpoint, DeliveryOutcome::Retrying).await;
+        }
+    }
+}
+
+async fn dead_letter(
+    ctx: &Ctx,
+    q: &QueueId,
+    id: &str,
+    mut call: QueuedCall,
+    endpoint: Endpoint,
+    answer: &Answer,
+) {
+    if call.attempts.is_empty() || answer.status != 0 && answer.verdict() == Verdict::Dead {
+        call.attempts.push(Attempt {
+            at: Some(timestamp::to_proto(chrono::Utc::now())),
+            status: i32::from(answer.status),
+            error: answer.body.chars().take(500).collect(),
+            line_request_id: answer.request_id.clone(),
+        });
+    }
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match ctx
+            .dead
+            .put(&call, endpoint.name(), answer.status, &answer.body)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if !ctx.shutdown.is_triggered() => {
+                tracing::warn!(error = %e, "dead letter not stored; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            // Left pending: the next owner sends it again and gets the same
+            // answer.
+            Err(_) => return,
+        }
+    }
+    metrics::counter!("hibiki_delivery_dead_letters_total", "endpoint" => endpoint.name())
+        .increment(1);
+    let error = format!("LINE answered {}: dead-lettered", answer.status);
+    settle(ctx, q, id, &call, Settle::Dead, answer, &error).await;
+    publish(ctx, &call, endpoint, DeliveryOutcome::DeadLettered).await;
+}
+
+/// Settles a call in Redis, retrying while Redis is away (the call stays
+/// pending meanwhile; if this worker stops first, the next owner sends it
+/// again under the same retry key).
+async fn settle(
+    ctx: &Ctx,
+    q: &QueueId,
+    id: &str,
+    call: &QueuedCall,
+    how: Settle,
+    answer: &Answer,
+    error: &str,
+) {
+    let (stream, delayed) = (ctx.keys.stream(q), ctx.keys.delayed(q));
+    let mut keys: Vec<String> = vec![stream, delayed];
+    for p in &call.parts {
+        keys.push(ctx.keys.job(&call.channel_id, &p.job_id));
+        keys.push(ctx.keys.job_ids(&call.channel_id, &p.job_id));
+    }
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let (mode, delay, back, attempt) = match &how {
+        Settle::Sent => ("ok", 0, Vec::new(), true),
+        Settle::Dead => ("dead", 0, Vec::new(), true),
+        Settle::Later {
+            after,
+            call,
+            attempt,
+        } => ("delay", after.as_millis() as u64, call.encode_to_vec(), *attempt),
+    };
+    let delay = delay.to_string();
+    let ttl = ctx.config.job_ttl.as_millis().to_string();
+    let counts: Vec<String> = call
+        .parts
+        .iter()
+        .map(|p| p.user_ids.len().max(1).to_string())
+        .collect();
+    let request_id = if matches!(how, Settle::Sent) {
+        answer.request_id.as_str()
+    } else {
+        ""
+    };
+    let mut args: Vec<&[u8]> = vec![
+        id.as_bytes(),
+        mode.as_bytes(),
+        delay.as_bytes(),
+        &back,
+        request_id.as_bytes(),
+        error.as_bytes(),
+        ttl.as_bytes(),
+        if attempt { b"1" } else { b"0" },
+    ];
+    args.extend(counts.iter().map(|c| c.as_bytes()));
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match ctx
+            .keys
+            .redis()
+            .script::<i64>(&queue::SETTLE, &key_refs, &args)
+            .await
+        {
+            Ok(_) => return,
+            Err(e) if !ctx.shutdown.is_triggered() => {
+                tracing::warn!(error = %e, "call not settled; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Publishes each part's outcome for analytics (best effort: an outcome
+/// lost here loses a counter, never a message).
+async fn publish(ctx: &Ctx, call: &QueuedCall, endpoint: Endpoint, outcome: DeliveryOutcome) {
+    let mut pipe = redis::pipe();
+    let at = timestamp::to_proto(chrono::Utc::now());
+    for p in &call.parts {
+        let record = DeliveryOutcomeRecord {
+            tenant_id: call.tenant_id.clone(),
+            channel_id: call.channel_id.clone(),
+            job_id: p.job_id.clone(),
+            endpoint: endpoint.name().to_owned(),
+            outcome: outcome as i32,
+            recipients: p.user_ids.len().max(1) as i64,
+            at: Some(at),
+            outcome_id: format!("{}:{}:{}", p.job_id, call.attempts.len(), outcome as i32),
+            trace: call.trace.clone(),
+        };
+        pipe.cmd("XADD")
+            .arg(ctx.keys.outcomes())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(1_000_000)
+            .arg("*")
+            .arg("o")
+            .arg(record.encode_to_vec())
+            .ignore();
+    }
+    if let Err(e) = ctx.keys.redis().pipeline::<()>(&pipe).await {
+        tracing::debug!(error = %e, "delivery outcome not published");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hibiki_proto::delivery::v1::CallPart;
+
+    use super::*;
+
+    fn link(job: &str, user: &str, menu: &str) -> Read {
+        let call = QueuedCall {
+            kind: CallKind::LinkRichMenu as i32,
+            rich_menu_id: menu.into(),
+            parts: vec![CallPart {
+                job_id: job.into(),
+                user_ids: vec![user.into()],
+                retry_key: String::new(),
+            }],
+            ..Default::default()
+        };
+        (format!("{job}-0"), call)
+    }
+
+    fn push(job: &str, user: &str, text: &str) -> Read {
+        let call = QueuedCall {
+            kind: CallKind::Push as i32,
+            messages_json: vec![format!(r#"{{"type":"text","text":"{text}"}}"#)],
+            retry_key: keys::retry_key("t", "c", job),
+            parts: vec![CallPart {
+                job_id: job.into(),
+                user_ids: vec![user.into()],
+                retry_key: keys::retry_key("t", "c", job),
+            }],
+            ..Default::default()
+        };
+        (format!("{job}-0"), call)
+    }
+
+    fn user(n: u32) -> String {
+        format!("U{n:032x}")
+    }
+
+    #[test]
+    fn links_to_one_menu_merge_into_bulk_links_of_at_most_500() {
+        let mut batch: Vec<Read> = (0..1200)
+            .map(|i| link(&format!("j{i}"), &user(i), "richmenu-a"))
+            .collect();
+        batch.push(link("other", &user(9999), "richmenu-b"));
+        let actions = coalesce(batch, 500);
+        let mut sizes: Vec<usize> = actions
+            .iter()
+            .map(|a| match a {
+                Action::Merge(ids, call) => {
+                    assert_eq!(ids.len(), users_of(call));
+                    assert!(call.merged);
+                    users_of(call)
+                }
+                Action::Send(_, call) => users_of(call),
+            })
+            .collect();
+        sizes.sort_unstable();
+        // 1,200 links to menu a: 500 + 500 + 200; menu b's one link alone.
+        assert_eq!(sizes, [1, 200, 500, 500]);
+    }
+
+    #[test]
+    fn identical_pushes_become_a_multicast_with_a_key_of_their_own() {
+        let batch = vec![
+            push("a", &user(1), "hello"),
+            push("b", &user(2), "hello"),
+            push("c", &user(3), "other"),
+        ];
+        let actions = coalesce(batch, 500);
+        let merged: Vec<&QueuedCall> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Merge(_, c) => Some(c),
+                Action::Send(..) => None,
+            })
+            .collect();
+        assert_eq!(merged.len(), 1);
+        let m = merged[0];
+        assert_eq!(m.kind(), CallKind::Multicast);
+        assert_eq!(users_of(m), 2);
+        assert_eq!(
+            m.retry_key,
+            keys::merged_retry_key(&[
+                &keys::retry_key("t", "c", "a"),
+                &keys::retry_key("t", "c", "b")
+            ])
+        );
+        assert_eq!(actions.len(), 2, "the different push leaves alone");
+    }
+
+    #[test]
+    fn attempted_merged_or_replayed_calls_are_never_merged_again() {
+        let (id, mut tried) = push("a", &user(1), "hello");
+        tried.attempts.push(Attempt::default());
+        let (id2, mut replayed) = push("b", &user(2), "hello");
+        replayed.replay_count = 1;
+        let batch = vec![(id, tried), (id2, replayed), push("c", &user(3), "hello")];
+        let actions = coalesce(batch, 500);
+        assert!(actions.iter().all(|a| matches!(a, Action::Send(..))));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let c = WorkerConfig {
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(1),
+            ..WorkerConfig::default()
+        };
+        for _ in 0..50 {
+            let first = c.backoff(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = c.backoff(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            assert!(c.backoff(30) <= Duration::from_secs(1));
+        }
+    }
+}
