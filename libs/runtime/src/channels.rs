@@ -20,11 +20,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::grpc::{self, ClientInterceptor};
+use crate::{Secret, Shutdown};
 use hibiki_proto::contacts::v1::channel_registry_event::Event as RegistryEvent;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{ChannelCredentials, WatchChannelsRequest};
-use crate::grpc::{self, ClientInterceptor};
-use crate::{Secret, Shutdown};
 
 /// Where contacts listens by default (`HIBIKI_CONTACTS_URL`).
 pub const DEFAULT_CONTACTS_URL: &str = "http://127.0.0.1:50052";

@@ -35,7 +35,14 @@ pub struct Redis {
     pool: Pool,
     prefix: String,
     client: redis::Client,
-    shared: Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    /// The shared connection. A plain mutex, never held across an await:
+    /// callers only clone the handle, so a caller that is not being polled
+    /// (one of many futures in a select or a `FuturesUnordered`) can never
+    /// hold up the others, as it could by waiting its turn in a fair async
+    /// lock.
+    shared: Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    /// Taken while (re)connecting, so that one caller connects at a time.
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How long connecting, or waiting for one reply on the shared connection,
@@ -69,16 +76,20 @@ impl Redis {
             pool,
             prefix: config.key_prefix.clone(),
             client,
-            shared: Arc::new(tokio::sync::Mutex::new(None)),
+            shared: Arc::new(std::sync::Mutex::new(None)),
+            connecting: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     /// The shared multiplexed connection, connecting first if there is none:
     /// concurrent callers' commands go out pipelined on one socket.
     async fn shared(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
-        let mut slot = self.shared.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok(conn.clone());
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(conn) = self.current() {
+            return Ok(conn);
         }
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(SHARED_TIMEOUT))
@@ -87,8 +98,16 @@ impl Redis {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        *slot = Some(conn.clone());
+        *self.slot() = Some(conn.clone());
         Ok(conn)
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<redis::aio::MultiplexedConnection>> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn current(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.slot().clone()
     }
 
     /// Drops the shared connection after `error`, if the error means the
@@ -101,7 +120,7 @@ impl Redis {
             || error.is_timeout()
             || error.is_unrecoverable_error()
         {
-            *self.shared.lock().await = None;
+            *self.slot() = None;
         }
     }
 

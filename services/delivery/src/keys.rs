@@ -51,7 +51,10 @@ pub fn job_id(tenant_id: &str, channel_id: &str, idempotency_key: &str) -> Strin
 
 /// The channel a job id belongs to.
 pub fn channel_of_job(job_id: &str) -> Option<&str> {
-    job_id.split_once('.').map(|(c, _)| c).filter(|c| !c.is_empty())
+    job_id
+        .split_once('.')
+        .map(|(c, _)| c)
+        .filter(|c| !c.is_empty())
 }
 
 /// A dead letter's id: derived from the call's parts, so the same call

@@ -86,7 +86,9 @@ impl Config {
         if hours < 25 {
             return Err(ConfigError::new(
                 "HIBIKI_DELIVERY_JOB_TTL_HOURS",
-                format!("must be at least 25 (longer than LINE's 24 h retry-key window), got {hours}"),
+                format!(
+                    "must be at least 25 (longer than LINE's 24 h retry-key window), got {hours}"
+                ),
             ));
         }
         let worker = worker::WorkerConfig {
@@ -116,7 +118,11 @@ impl Config {
                 hibiki_runtime::channels::DEFAULT_CONTACTS_URL,
                 &["http", "https"],
             )?,
-            line_api_url: r.url("HIBIKI_LINE_API_URL", DEFAULT_LINE_API_URL, &["http", "https"])?,
+            line_api_url: r.url(
+                "HIBIKI_LINE_API_URL",
+                DEFAULT_LINE_API_URL,
+                &["http", "https"],
+            )?,
             line_timeout: r.millis("HIBIKI_LINE_TIMEOUT_MS", Duration::from_secs(5))?,
             max_queue: r.parse("HIBIKI_DELIVERY_MAX_QUEUE", 1_000_000u64)?,
             worker,
@@ -154,12 +160,9 @@ impl Service for Application {
             .expect("delivery declares that it needs Redis")
             .clone();
         let tasks = Shutdown::new();
-        let channels = hibiki_runtime::channels::Channels::watch(
-            &config.contacts_url,
-            &token,
-            tasks.clone(),
-        )
-        .map_err(|e| HostError::Startup(e.to_string()))?;
+        let channels =
+            hibiki_runtime::channels::Channels::watch(&config.contacts_url, &token, tasks.clone())
+                .map_err(|e| HostError::Startup(e.to_string()))?;
         let loaded = channels.clone();
         host.add_check(std::sync::Arc::new(move || {
             if loaded.is_loaded() {

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use hibiki_line::api::{
-    Endpoint, QUOTA_EXHAUSTED, REQUEST_ID_HEADER, RETRY_KEY_HEADER,
-};
+use hibiki_line::api::{Endpoint, QUOTA_EXHAUSTED, REQUEST_ID_HEADER, RETRY_KEY_HEADER};
 use hibiki_proto::delivery::v1::{CallKind, QueuedCall};
 use serde_json::value::RawValue;
 
@@ -199,7 +197,9 @@ impl LineApi {
                     messages: messages(call)?,
                     notification_disabled: call.notification_disabled,
                 };
-                self.http.post(url("/v2/bot/message/push")).body(json(&body)?)
+                self.http
+                    .post(url("/v2/bot/message/push"))
+                    .body(json(&body)?)
             }
             Endpoint::Multicast => {
                 let body = erased::Multicast {
@@ -217,7 +217,9 @@ impl LineApi {
                     messages: messages(call)?,
                     notification_disabled: call.notification_disabled,
                 };
-                self.http.post(url("/v2/bot/message/reply")).body(json(&body)?)
+                self.http
+                    .post(url("/v2/bot/message/reply"))
+                    .body(json(&body)?)
             }
             Endpoint::LinkRichMenu => self.http.post(url(&format!(
                 "/v2/bot/user/{}/richmenu/{}",

@@ -156,8 +156,7 @@ impl Delivery {
             .redis()
             .command(redis::cmd("SADD").arg(self.keys.active()).arg(q.member()))
             .await?;
-        metrics::counter!("hibiki_delivery_jobs_total", "kind" => kind.as_str_name())
-            .increment(1);
+        metrics::counter!("hibiki_delivery_jobs_total", "kind" => kind.as_str_name()).increment(1);
         self.job(&call.tenant_id, &job_id).await
     }
 
@@ -269,8 +268,8 @@ fn check_messages(messages: &[String], field: &str) -> Result<()> {
     }
     for (i, m) in messages.iter().enumerate() {
         let at = format!("{field}[{i}]");
-        let value: serde_json::Value = serde_json::from_str(m)
-            .map_err(|e| Error::invalid(&at, format!("not JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(m).map_err(|e| Error::invalid(&at, format!("not JSON: {e}")))?;
         if let Some(d) = check_message(&at, &value).into_iter().next() {
             return Err(Error::invalid(d.property, d.message.to_lowercase()));
         }
@@ -309,7 +308,10 @@ fn base_call(tenant_id: &str, channel_id: &str, kind: CallKind) -> QueuedCall {
 
 #[tonic::async_trait]
 impl DeliveryService for Delivery {
-    async fn send(&self, request: Request<SendRequest>) -> std::result::Result<Response<Job>, Status> {
+    async fn send(
+        &self,
+        request: Request<SendRequest>,
+    ) -> std::result::Result<Response<Job>, Status> {
         let r = request.get_ref();
         authorize(&request, &r.tenant_id)?;
         self.channel(&r.tenant_id, &r.channel_id)?;

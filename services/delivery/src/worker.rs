@@ -28,8 +28,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use hibiki_line::api::{Endpoint, Limit, MAX_RECIPIENTS};
 use hibiki_proto::delivery::v1::{
     Attempt, CallKind, DeliveryOutcome, DeliveryOutcomeRecord, QueuedCall,
@@ -249,11 +247,10 @@ fn coalescable(call: &QueuedCall) -> bool {
     }
     match call.kind() {
         CallKind::LinkRichMenu | CallKind::UnlinkRichMenu => true,
-        CallKind::Push => call.parts.iter().all(|p| {
-            p.user_ids
-                .iter()
-                .all(|u| hibiki_line::api::is_user_id(u))
-        }),
+        CallKind::Push => call
+            .parts
+            .iter()
+            .all(|p| p.user_ids.iter().all(|u| hibiki_line::api::is_user_id(u))),
         _ => false,
     }
 }
@@ -351,7 +348,9 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
         release(&ctx, &q).await;
         return;
     }
-    let mut inflight = FuturesUnordered::new();
+    // Each call is its own task: a call waiting for the limit or for LINE
+    // never stands in the way of this loop, nor this loop in its way.
+    let mut inflight = tokio::task::JoinSet::new();
     // Until it is through, the XAUTOCLAIM cursor over calls a previous
     // owner left pending.
     let mut reclaim: Option<String> = Some("0-0".to_owned());
@@ -384,10 +383,13 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                 )
                 .await;
         }
-        while let Some(Some(())) = futures::FutureExt::now_or_never(inflight.next()) {}
-        let room = ctx.config.channel_concurrency.saturating_sub(inflight.len());
+        while inflight.try_join_next().is_some() {}
+        let room = ctx
+            .config
+            .channel_concurrency
+            .saturating_sub(inflight.len());
         if room == 0 {
-            inflight.next().await;
+            inflight.join_next().await;
             continue;
         }
         let read = match reclaim.take() {
@@ -421,7 +423,7 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                 }
             }
             tokio::select! {
-                _ = inflight.next(), if !inflight.is_empty() => {}
+                _ = inflight.join_next(), if !inflight.is_empty() => {}
                 () = tokio::time::sleep(nap) => {}
             }
             nap = (nap * 2).min(Duration::from_millis(20));
@@ -446,10 +448,7 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                     let bytes = call.encode_to_vec();
                     let mut args: Vec<&[u8]> = vec![&bytes];
                     args.extend(ids.iter().map(|i| i.as_bytes()));
-                    if let Err(e) = redis
-                        .script::<i64>(&queue::MERGE, &[&stream], &args)
-                        .await
-                    {
+                    if let Err(e) = redis.script::<i64>(&queue::MERGE, &[&stream], &args).await {
                         // The sources stay pending under this worker; the
                         // next owner of the queue sends them.
                         tracing::warn!(queue = %q.member(), error = %e, "calls not merged");
@@ -459,14 +458,14 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                     }
                 }
                 Action::Send(id, call) => {
-                    inflight.push(send(ctx.clone(), q.clone(), id, call));
+                    inflight.spawn(send(ctx.clone(), q.clone(), id, call));
                 }
             }
         }
     }
     // Stopping: let the calls in flight finish and settle, then hand the
     // queue over at once.
-    while inflight.next().await.is_some() {}
+    while inflight.join_next().await.is_some() {}
     release(&ctx, &q).await;
 }
 
@@ -544,7 +543,11 @@ async fn release(ctx: &Ctx, q: &QueueId) {
     let _: Result<i64, _> = ctx
         .keys
         .redis()
-        .script(&queue::RELEASE, &[&ctx.keys.lease(q)], &[ctx.name.as_bytes()])
+        .script(
+            &queue::RELEASE,
+            &[&ctx.keys.lease(q)],
+            &[ctx.name.as_bytes()],
+        )
         .await;
 }
 
@@ -587,10 +590,7 @@ async fn acquire(ctx: &Ctx, channel_id: &str, endpoint: Endpoint) {
     let interval_us = 1e6 / (limit.rate() * ctx.config.rate_share);
     // A burst of at most 1 % of a second's calls (at least one).
     let tolerance_us = (interval_us * (limit.rate() / 100.0).max(1.0)).round();
-    let (interval, tolerance) = (
-        format!("{interval_us:.0}"),
-        format!("{tolerance_us:.0}"),
-    );
+    let (interval, tolerance) = (format!("{interval_us:.0}"), format!("{tolerance_us:.0}"));
     let keys = [
         ctx.keys.rate(channel_id, endpoint.name()),
         ctx.keys.pause(channel_id, endpoint.name()),
@@ -647,7 +647,10 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
     let Some(token) = token else {
         let answer = Answer {
             status: 0,
-            body: format!("channel {} is no longer registered in contacts", call.channel_id),
+            body: format!(
+                "channel {} is no longer registered in contacts",
+                call.channel_id
+            ),
             request_id: String::new(),
         };
         dead_letter(&ctx, &q, &id, call, endpoint, &answer).await;
@@ -697,7 +700,16 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
                 call: Box::new(call.clone()),
                 attempt: false,
             };
-            settle(&ctx, &q, &id, &call, later, &answer, "429 from LINE: paused").await;
+            settle(
+                &ctx,
+                &q,
+                &id,
+                &call,
+                later,
+                &answer,
+                "429 from LINE: paused",
+            )
+            .await;
             publish(&ctx, &call, endpoint, DeliveryOutcome::Retrying).await;
         }
         Verdict::Dead
@@ -718,7 +730,16 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
                 call: Box::new(push),
                 attempt: false,
             };
-            settle(&ctx, &q, &id, &call, later, &answer, "reply token invalid: pushing").await;
+            settle(
+                &ctx,
+                &q,
+                &id,
+                &call,
+                later,
+                &answer,
+                "reply token invalid: pushing",
+            )
+            .await;
         }
         Verdict::Dead => dead_letter(&ctx, &q, &id, call, endpoint, &answer).await,
         Verdict::Retry => {
@@ -814,7 +835,12 @@ async fn settle(
             after,
             call,
             attempt,
-        } => ("delay", after.as_millis() as u64, call.encode_to_vec(), *attempt),
+        } => (
+            "delay",
+            after.as_millis() as u64,
+            call.encode_to_vec(),
+            *attempt,
+        ),
     };
     let delay = delay.to_string();
     let ttl = ctx.config.job_ttl.as_millis().to_string();

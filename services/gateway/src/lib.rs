@@ -138,8 +138,9 @@ impl Service for Application {
             .clone();
         let log = EventLog::from_config(redis, &config.eventlog);
         let tasks = Shutdown::new();
-        let channels = hibiki_runtime::channels::Channels::watch(&config.contacts_url, &token, tasks.clone())
-            .map_err(|e| HostError::Startup(e.to_string()))?;
+        let channels =
+            hibiki_runtime::channels::Channels::watch(&config.contacts_url, &token, tasks.clone())
+                .map_err(|e| HostError::Startup(e.to_string()))?;
         // Until the channels are loaded every webhook would get 503: report
         // NOT_SERVING so that no traffic is sent here yet. Once loaded, the
         // gateway stays ready while contacts is away (it serves what it

@@ -1,0 +1,808 @@
+//! delivery against the real contacts, Redis, PostgreSQL and line-sim
+//! playing LINE (faults included), over real gRPC and HTTP on loopback.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use hibiki_delivery::keys;
+use hibiki_line::api::{Endpoint, Limit};
+use hibiki_line_sim::{Faults, LineSim, SimChannel, SimConfig};
+use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
+use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
+use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
+use hibiki_proto::delivery::v1::{
+    GetJobRequest, Job, JobStatus, LinkRichMenuRequest, ListDeadLettersRequest, Recipients,
+    ReplayDeadLettersRequest, SendRequest, UnlinkRichMenuRequest, link_rich_menu_request,
+    send_request,
+};
+use hibiki_runtime::Shutdown;
+use hibiki_testkit::{
+    RedisKeys, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, lifecycle, operator_token,
+    service_env, wait_for_health,
+};
+use tonic_health::ServingStatus;
+
+type Client = DeliveryServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        hibiki_runtime::grpc::ClientInterceptor,
+    >,
+>;
+
+const ACME: &str = "acme";
+const GLOBEX: &str = "globex";
+const ACME_CHANNEL: &str = "1000000001";
+const GLOBEX_CHANNEL: &str = "1000000002";
+
+fn user(n: u64) -> String {
+    format!("U{n:032x}")
+}
+
+fn text(t: &str) -> String {
+    format!(r#"{{"type":"text","text":"{t}"}}"#)
+}
+
+/// contacts with two tenants and their channels, line-sim as LINE for both,
+/// and delivery's settings pointing at them.
+struct Mesh {
+    _database: TestDatabase,
+    _keys: RedisKeys,
+    contacts_stop: Shutdown,
+    sim: LineSim,
+    env: HashMap<String, String>,
+    delivery: Option<(String, Shutdown)>,
+}
+
+impl Mesh {
+    async fn start(sim_config: SimConfig, settings: &[(&str, &str)]) -> Self {
+        let database = TestDatabase::create().await;
+        let base = service_env(&database, None);
+        let keys = RedisKeys::new(&base["HIBIKI_REDIS_URL"], &base["HIBIKI_REDIS_PREFIX"]);
+        let (contacts, contacts_stop, _task) =
+            lifecycle::start::<hibiki_contacts::Application>(&base).await;
+        wait_for_health(&contacts, ServingStatus::Serving).await;
+        let mut tenants = TenantServiceClient::new(authorized(&contacts, SERVICE_TOKEN));
+        for (tenant, channel, token) in [
+            (ACME, ACME_CHANNEL, "token-a"),
+            (GLOBEX, GLOBEX_CHANNEL, "token-b"),
+        ] {
+            tenants
+                .create_tenant(CreateTenantRequest {
+                    tenant_id: tenant.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("a tenant");
+            tenants
+                .put_channel(PutChannelRequest {
+                    tenant_id: tenant.into(),
+                    channel_id: channel.into(),
+                    channel_secret: format!("secret-{tenant}"),
+                    access_token: token.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("a channel");
+        }
+        let mut sim_config = sim_config;
+        sim_config.channels = vec![
+            SimChannel {
+                channel_id: ACME_CHANNEL.into(),
+                access_token: "token-a".into(),
+                secret: "secret-acme".into(),
+            },
+            SimChannel {
+                channel_id: GLOBEX_CHANNEL.into(),
+                access_token: "token-b".into(),
+                secret: "secret-globex".into(),
+            },
+        ];
+        let loopback = "127.0.0.1:0".parse().unwrap();
+        let sim = LineSim::start(sim_config, loopback, loopback)
+            .await
+            .expect("line-sim starts");
+        let mut env = base;
+        env.insert("HIBIKI_CONTACTS_URL".into(), contacts);
+        env.insert("HIBIKI_LINE_API_URL".into(), sim.api_url());
+        env.insert("HIBIKI_LINE_TIMEOUT_MS".into(), "1000".into());
+        env.insert("HIBIKI_DELIVERY_BACKOFF_MS".into(), "20".into());
+        env.insert("HIBIKI_DELIVERY_BACKOFF_CAP_MS".into(), "200".into());
+        env.insert("HIBIKI_DELIVERY_LEASE_MS".into(), "1000".into());
+        env.insert("HIBIKI_DELIVERY_PAUSE_ON_429_MS".into(), "200".into());
+        for (k, v) in settings {
+            env.insert((*k).into(), (*v).into());
+        }
+        Self {
+            _database: database,
+            _keys: keys,
+            contacts_stop,
+            sim,
+            env,
+            delivery: None,
+        }
+    }
+
+    /// delivery in this process.
+    async fn with_delivery(mut self) -> Self {
+        let (url, stop, _task) = lifecycle::start::<hibiki_delivery::Application>(&self.env).await;
+        wait_for_health(&url, ServingStatus::Serving).await;
+        self.delivery = Some((url, stop));
+        self
+    }
+
+    fn client(&self) -> Client {
+        let (url, _) = self.delivery.as_ref().expect("delivery runs");
+        DeliveryServiceClient::new(authorized(url, SERVICE_TOKEN))
+    }
+
+    /// Messages line-sim accepted, per recipient.
+    fn sent(&self) -> Vec<hibiki_line_sim::state::SentMessage> {
+        self.sim.sim().lock().sent.clone()
+    }
+
+    fn count(&self, endpoint: Endpoint, status: u16) -> u64 {
+        self.sim
+            .sim()
+            .lock()
+            .counts
+            .get(&endpoint)
+            .and_then(|c| c.get(&status))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some((_, stop)) = &self.delivery {
+            stop.trigger();
+        }
+        self.contacts_stop.trigger();
+    }
+}
+
+fn push(tenant: &str, channel: &str, key: &str, to: &str, message: &str) -> SendRequest {
+    SendRequest {
+        tenant_id: tenant.into(),
+        channel_id: channel.into(),
+        idempotency_key: key.into(),
+        target: Some(send_request::Target::PushTo(to.into())),
+        messages_json: vec![text(message)],
+        ..Default::default()
+    }
+}
+
+/// Waits until the job is finished (succeeded, partial or failed).
+async fn finished(client: &mut Client, tenant: &str, job_id: &str, within: Duration) -> Job {
+    let deadline = Instant::now() + within;
+    loop {
+        let job = client
+            .get_job(GetJobRequest {
+                tenant_id: tenant.into(),
+                job_id: job_id.into(),
+            })
+            .await
+            .expect("the job exists")
+            .into_inner();
+        let status = job.status();
+        if matches!(
+            status,
+            JobStatus::Succeeded | JobStatus::Partial | JobStatus::Failed
+        ) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job not finished in time: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_push_is_sent_once_with_its_retry_key_and_a_repeat_returns_the_same_job() {
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    let mut client = mesh.client();
+    let request = push(ACME, ACME_CHANNEL, "run:1:step:1", &user(1), "thanks");
+    let job = client.send(request.clone()).await.unwrap().into_inner();
+    assert_eq!(job.recipients_total, 1);
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded);
+    assert_eq!(done.recipients_succeeded, 1);
+    assert_eq!(done.attempts, 1);
+    assert_eq!(done.line_request_ids.len(), 1);
+
+    let again = client.send(request).await.unwrap().into_inner();
+    assert_eq!(again.job_id, job.job_id, "the idempotency key has its job");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = mesh.sent();
+    assert_eq!(sent.len(), 1, "sent once: {sent:?}");
+    assert_eq!(sent[0].recipient, user(1));
+    assert_eq!(
+        sent[0].retry_key.as_deref(),
+        Some(keys::retry_key(ACME, ACME_CHANNEL, "run:1:step:1").as_str())
+    );
+    assert_eq!(sent[0].request_id, done.line_request_ids[0]);
+
+    // A multicast and a reply go out too.
+    let multicast = client
+        .send(SendRequest {
+            tenant_id: ACME.into(),
+            channel_id: ACME_CHANNEL.into(),
+            idempotency_key: "m".into(),
+            target: Some(send_request::Target::MulticastTo(Recipients {
+                user_ids: vec![user(2), user(3)],
+            })),
+            messages_json: vec![text("news")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = mesh
+        .sim
+        .sim()
+        .lock()
+        .issue_reply_token(ACME_CHANNEL, &user(4));
+    let reply = client
+        .send(SendRequest {
+            tenant_id: ACME.into(),
+            channel_id: ACME_CHANNEL.into(),
+            idempotency_key: "r".into(),
+            target: Some(send_request::Target::ReplyToken(token)),
+            messages_json: vec![text("hi")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for job in [multicast, reply] {
+        let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+        assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    }
+    let recipients: HashSet<String> = mesh.sent().into_iter().map(|m| m.recipient).collect();
+    assert_eq!(
+        recipients,
+        HashSet::from([user(1), user(2), user(3), user(4)])
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_field_level_error_and_tenants_are_walled_off() {
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    let mut client = mesh.client();
+    let cases: Vec<(SendRequest, tonic::Code, &str)> = vec![
+        (
+            SendRequest {
+                target: None,
+                ..push(ACME, ACME_CHANNEL, "k", &user(1), "x")
+            },
+            tonic::Code::InvalidArgument,
+            "target",
+        ),
+        (
+            push(ACME, ACME_CHANNEL, "", &user(1), "x"),
+            tonic::Code::InvalidArgument,
+            "idempotency_key",
+        ),
+        (
+            push(ACME, ACME_CHANNEL, "k", "someone", "x"),
+            tonic::Code::InvalidArgument,
+            "push_to",
+        ),
+        (
+            SendRequest {
+                messages_json: vec![r#"{"type":"text"}"#.into()],
+                ..push(ACME, ACME_CHANNEL, "k", &user(1), "x")
+            },
+            tonic::Code::InvalidArgument,
+            "messages_json[0].text",
+        ),
+        (
+            SendRequest {
+                messages_json: (0..6).map(|i| text(&i.to_string())).collect(),
+                ..push(ACME, ACME_CHANNEL, "k", &user(1), "x")
+            },
+            tonic::Code::InvalidArgument,
+            "messages_json",
+        ),
+        (
+            SendRequest {
+                target: Some(send_request::Target::MulticastTo(Recipients {
+                    user_ids: (0..501).map(user).collect(),
+                })),
+                ..push(ACME, ACME_CHANNEL, "k", &user(1), "x")
+            },
+            tonic::Code::InvalidArgument,
+            "multicast_to.user_ids",
+        ),
+        // The other tenant's channel, or none at all.
+        (
+            push(ACME, GLOBEX_CHANNEL, "k", &user(1), "x"),
+            tonic::Code::NotFound,
+            GLOBEX_CHANNEL,
+        ),
+        (
+            push(ACME, "999", "k", &user(1), "x"),
+            tonic::Code::NotFound,
+            "999",
+        ),
+    ];
+    for (request, code, field) in cases {
+        let status = client.send(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+    // An operator of globex may not act on acme.
+    let (url, _) = mesh.delivery.as_ref().unwrap();
+    let mut globex = DeliveryServiceClient::new(authorized(url, &operator_token(GLOBEX)));
+    let status = globex
+        .send(push(ACME, ACME_CHANNEL, "k", &user(1), "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // Jobs are the tenant's own.
+    let job = client
+        .send(push(ACME, ACME_CHANNEL, "k", &user(1), "x"))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = client
+        .get_job(GetJobRequest {
+            tenant_id: GLOBEX.into(),
+            job_id: job.job_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let link = client
+        .link_rich_menu(LinkRichMenuRequest {
+            tenant_id: ACME.into(),
+            channel_id: ACME_CHANNEL.into(),
+            idempotency_key: "l".into(),
+            user_id: user(1),
+            menu: Some(link_rich_menu_request::Menu::Alias("nope".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(link.code(), tonic::Code::NotFound, "{link:?}");
+    assert!(link.message().contains("nope"));
+}
+
+#[tokio::test]
+async fn a_409_counts_as_sent_and_nothing_goes_out_twice() {
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    // An earlier attempt under the same key reached LINE (its answer was
+    // lost): send it straight to line-sim.
+    let key = keys::retry_key(ACME, ACME_CHANNEL, "run:7:step:1");
+    let first = reqwest::Client::new()
+        .post(format!("{}/v2/bot/message/push", mesh.sim.api_url()))
+        .bearer_auth("token-a")
+        .header("x-line-retry-key", &key)
+        .json(&serde_json::json!({"to": user(7), "messages": [{"type": "text", "text": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let mut client = mesh.client();
+    let job = client
+        .send(push(ACME, ACME_CHANNEL, "run:7:step:1", &user(7), "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded);
+    assert_eq!(mesh.count(Endpoint::Push, 409), 1);
+    assert_eq!(mesh.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn a_4xx_is_dead_lettered_at_once_and_a_replay_sends_it() {
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    // LINE does not know acme's token: every call is a 401.
+    mesh.sim.sim().lock().put_channel(SimChannel {
+        channel_id: ACME_CHANNEL.into(),
+        access_token: "rotated".into(),
+        secret: "secret-acme".into(),
+    });
+    let mut client = mesh.client();
+    let job = client
+        .send(push(ACME, ACME_CHANNEL, "run:9:step:1", &user(9), "hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+    assert_eq!(done.status(), JobStatus::Failed);
+    assert_eq!(done.attempts, 1, "a 4xx is not retried");
+    assert_eq!(mesh.count(Endpoint::Push, 401), 1);
+    let listed = client
+        .list_dead_letters(ListDeadLettersRequest {
+            tenant_id: ACME.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.dead_letters.len(), 1);
+    let dead = &listed.dead_letters[0];
+    assert_eq!(dead.line_status, 401);
+    assert!(dead.line_body.contains("Authentication failed"), "{dead:?}");
+    assert_eq!(dead.endpoint, "push");
+    assert_eq!(dead.job_id, job.job_id);
+    assert_eq!(dead.attempts.len(), 1);
+    // The other tenant sees none of it.
+    let theirs = client
+        .list_dead_letters(ListDeadLettersRequest {
+            tenant_id: GLOBEX.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(theirs.dead_letters.is_empty());
+    let unknown = client
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            tenant_id: ACME.into(),
+            dead_letter_ids: vec!["dl-nope".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(unknown.message().contains("dl-nope"));
+
+    // The token is fixed; the replay sends the call, with its retry key.
+    mesh.sim.sim().lock().put_channel(SimChannel {
+        channel_id: ACME_CHANNEL.into(),
+        access_token: "token-a".into(),
+        secret: "secret-acme".into(),
+    });
+    let replayed = client
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            tenant_id: ACME.into(),
+            dead_letter_ids: vec![dead.dead_letter_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, 1);
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.recipients_failed, 0);
+    let sent = mesh.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].retry_key.as_deref(),
+        Some(keys::retry_key(ACME, ACME_CHANNEL, "run:9:step:1").as_str())
+    );
+    let listed = client
+        .list_dead_letters(ListDeadLettersRequest {
+            tenant_id: ACME.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.dead_letters.is_empty(),
+        "a replayed letter is not listed"
+    );
+}
+
+#[tokio::test]
+async fn with_5xx_and_timeouts_every_push_arrives_exactly_once() {
+    let faults = Faults {
+        error_rate: 0.3,
+        timeout_rate: 0.1,
+        processed_rate: 0.5,
+        ..Faults::default()
+    };
+    let sim = SimConfig {
+        faults,
+        timeout_hold: Duration::from_secs(3),
+        ..SimConfig::default()
+    };
+    // Coalescing off: every push leaves as a push under its own key.
+    let mesh = Mesh::start(
+        sim,
+        &[
+            ("HIBIKI_DELIVERY_COALESCE_MS", "0"),
+            ("HIBIKI_LINE_TIMEOUT_MS", "300"),
+            ("HIBIKI_DELIVERY_MAX_ATTEMPTS", "30"),
+        ],
+    )
+    .await
+    .with_delivery()
+    .await;
+    let mut client = mesh.client();
+    let mut jobs = Vec::new();
+    for n in 0..60 {
+        let job = client
+            .send(push(
+                ACME,
+                ACME_CHANNEL,
+                &format!("k{n}"),
+                &user(n),
+                &format!("message {n}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        jobs.push(job.job_id);
+    }
+    for id in &jobs {
+        let done = finished(&mut client, ACME, id, Duration::from_secs(60)).await;
+        assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    }
+    let sent = mesh.sent();
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for m in &sent {
+        *per_user.entry(m.recipient.clone()).or_default() += 1;
+    }
+    assert_eq!(per_user.len(), 60);
+    assert!(
+        per_user.values().all(|n| *n == 1),
+        "a duplicate: {per_user:?}"
+    );
+    let retried = mesh.count(Endpoint::Push, 500) + mesh.count(Endpoint::Push, 503);
+    assert!(retried > 0, "faults were injected");
+}
+
+#[tokio::test]
+async fn links_to_one_menu_leave_as_bulk_links_and_each_user_is_linked_once() {
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    let campaign = mesh
+        .sim
+        .sim()
+        .create_rich_menu(ACME_CHANNEL, "campaign", Some("campaign"));
+    let normal = mesh
+        .sim
+        .sim()
+        .create_rich_menu(ACME_CHANNEL, "normal", None);
+    let mut client = mesh.client();
+    let mut jobs = Vec::new();
+    // 1,000 users to the campaign menu (half by alias), 50 to the normal one,
+    // sent by 8 callers at once.
+    let mut tasks = Vec::new();
+    for caller in 0..8u64 {
+        let mut client = client.clone();
+        let (campaign, normal) = (campaign.clone(), normal.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in (caller..1050).step_by(8) {
+                let menu = if n >= 1000 {
+                    link_rich_menu_request::Menu::RichMenuId(normal.clone())
+                } else if n % 2 == 0 {
+                    link_rich_menu_request::Menu::Alias("campaign".into())
+                } else {
+                    link_rich_menu_request::Menu::RichMenuId(campaign.clone())
+                };
+                let job = client
+                    .link_rich_menu(LinkRichMenuRequest {
+                        tenant_id: ACME.into(),
+                        channel_id: ACME_CHANNEL.into(),
+                        idempotency_key: format!("link{n}"),
+                        user_id: user(n),
+                        menu: Some(menu),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                ids.push(job.job_id);
+            }
+            ids
+        }));
+    }
+    for t in tasks {
+        jobs.extend(t.await.unwrap());
+    }
+    for id in &jobs {
+        let done = finished(&mut client, ACME, id, Duration::from_secs(30)).await;
+        assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    }
+    let changes = mesh.sim.sim().lock().menu_changes.clone();
+    let mut linked: HashMap<String, Vec<String>> = HashMap::new();
+    let mut bulk = 0;
+    for c in &changes {
+        linked
+            .entry(c.user_id.clone())
+            .or_default()
+            .push(c.rich_menu_id.clone().unwrap());
+        if c.endpoint == Endpoint::BulkLinkRichMenu {
+            bulk += 1;
+        }
+    }
+    assert_eq!(linked.len(), 1050);
+    for (u, menus) in &linked {
+        let n: u64 = u64::from_str_radix(&u[1..], 16).unwrap();
+        let want = if n >= 1000 { &normal } else { &campaign };
+        assert_eq!(menus, &vec![want.clone()], "user {n}");
+    }
+    // Most links left in bulk (the first of a burst may leave alone).
+    assert!(bulk * 100 >= 1050 * 90, "only {bulk} of 1050 in bulk links");
+    let bulk_calls = mesh.count(Endpoint::BulkLinkRichMenu, 202);
+    assert!((3..100).contains(&bulk_calls), "{bulk_calls} bulk calls");
+
+    // An unlink goes out too.
+    let job = client
+        .unlink_rich_menu(UnlinkRichMenuRequest {
+            tenant_id: ACME.into(),
+            channel_id: ACME_CHANNEL.into(),
+            idempotency_key: "unlink1".into(),
+            user_id: user(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+    assert!(
+        !mesh
+            .sim
+            .sim()
+            .lock()
+            .user_menus
+            .contains_key(&(ACME_CHANNEL.to_owned(), user(1)))
+    );
+}
+
+#[tokio::test]
+async fn one_tenants_backlog_does_not_hold_up_anothers_messages() {
+    // Pushes limited to 50 a second on LINE's side and delivery's.
+    let mut sim = SimConfig::default();
+    sim.limits.insert(Endpoint::Push, Limit::per_second(50));
+    let mesh = Mesh::start(
+        sim,
+        &[
+            ("HIBIKI_DELIVERY_LIMITS", "push=50/s"),
+            ("HIBIKI_DELIVERY_COALESCE_MS", "0"),
+        ],
+    )
+    .await
+    .with_delivery()
+    .await;
+    let mut client = mesh.client();
+    // acme queues 400 different pushes: 8 s at its limit.
+    let mut acme_jobs = Vec::new();
+    for n in 0..400 {
+        let job = client
+            .send(push(
+                ACME,
+                ACME_CHANNEL,
+                &format!("a{n}"),
+                &user(n),
+                &format!("offer {n}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        acme_jobs.push(job.job_id);
+    }
+    // globex's taps arrive behind it and are answered at once.
+    let started = Instant::now();
+    let mut globex_jobs = Vec::new();
+    for n in 0..5 {
+        let job = client
+            .send(push(
+                GLOBEX,
+                GLOBEX_CHANNEL,
+                &format!("g{n}"),
+                &user(1000 + n),
+                "thanks",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        globex_jobs.push(job.job_id);
+    }
+    for id in &globex_jobs {
+        let done = finished(&mut client, GLOBEX, id, Duration::from_secs(10)).await;
+        assert_eq!(done.status(), JobStatus::Succeeded);
+    }
+    let globex_took = started.elapsed();
+    let acme_sent = mesh
+        .sent()
+        .iter()
+        .filter(|m| m.channel_id == ACME_CHANNEL)
+        .count();
+    assert!(
+        acme_sent < 300,
+        "globex finished after {globex_took:?}, when acme had sent {acme_sent} of 400"
+    );
+    // And no 429 from LINE: delivery kept to the limit.
+    let last = acme_jobs.last().unwrap();
+    let done = finished(&mut client, ACME, last, Duration::from_secs(30)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded);
+    assert_eq!(mesh.count(Endpoint::Push, 429), 0);
+}
+
+#[tokio::test]
+async fn a_429_pauses_the_channel_without_spending_attempts() {
+    let mesh = Mesh::start(
+        SimConfig::default(),
+        &[
+            ("HIBIKI_DELIVERY_MAX_ATTEMPTS", "1"),
+            ("HIBIKI_DELIVERY_COALESCE_MS", "0"),
+        ],
+    )
+    .await
+    .with_delivery()
+    .await;
+    mesh.sim
+        .sim()
+        .lock()
+        .throttle_for(Duration::from_millis(700));
+    let mut client = mesh.client();
+    let job = client
+        .send(push(ACME, ACME_CHANNEL, "t1", &user(1), "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(10)).await;
+    // With one attempt allowed, a counted 429 would have dead-lettered it.
+    assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    assert!(mesh.count(Endpoint::Push, 429) >= 1);
+    assert_eq!(mesh.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_call_is_replaced_and_the_message_is_sent_once() {
+    // LINE takes the push and never answers.
+    let faults = Faults {
+        timeout_rate: 1.0,
+        processed_rate: 1.0,
+        ..Faults::default()
+    };
+    let sim = SimConfig {
+        faults,
+        timeout_hold: Duration::from_secs(30),
+        ..SimConfig::default()
+    };
+    let mesh = Mesh::start(sim, &[("HIBIKI_LINE_TIMEOUT_MS", "20000")]).await;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_hibiki-delivery"));
+    let first = ServiceProcess::spawn(binary, mesh.env.clone());
+    wait_for_health(&first.url, ServingStatus::Serving).await;
+    let mut client = DeliveryServiceClient::new(authorized(&first.url, SERVICE_TOKEN));
+    let job = client
+        .send(push(
+            ACME,
+            ACME_CHANNEL,
+            "run:5:step:2",
+            &user(5),
+            "your coupon",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mesh.sent().is_empty() {
+        assert!(Instant::now() < deadline, "LINE never got the push");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // kill -9 while the call is in flight.
+    drop(first);
+    mesh.sim.sim().lock().config.faults = Faults::default();
+
+    let second = ServiceProcess::spawn(binary, mesh.env.clone());
+    wait_for_health(&second.url, ServingStatus::Serving).await;
+    let mut client = DeliveryServiceClient::new(authorized(&second.url, SERVICE_TOKEN));
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(20)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    assert_eq!(mesh.sent().len(), 1, "sent exactly once");
+    assert_eq!(mesh.count(Endpoint::Push, 409), 1, "the resend was a 409");
+}
