@@ -103,11 +103,12 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
     shutdown.trigger_on_signals();
     let sim = start_line_sim(args).await?;
     let mut running = Vec::new();
-    running.push(launch::<hibiki_gateway::Application>(args, 0, &shutdown).await?);
-    running.push(launch::<hibiki_contacts::Application>(args, 1, &shutdown).await?);
-    running.push(launch::<hibiki_scenario::Application>(args, 2, &shutdown).await?);
-    running.push(launch::<hibiki_delivery::Application>(args, 3, &shutdown).await?);
-    running.push(launch::<hibiki_analytics::Application>(args, 4, &shutdown).await?);
+    let line = sim.api_url();
+    running.push(launch::<hibiki_gateway::Application>(args, 0, &line, &shutdown).await?);
+    running.push(launch::<hibiki_contacts::Application>(args, 1, &line, &shutdown).await?);
+    running.push(launch::<hibiki_scenario::Application>(args, 2, &line, &shutdown).await?);
+    running.push(launch::<hibiki_delivery::Application>(args, 3, &line, &shutdown).await?);
+    running.push(launch::<hibiki_analytics::Application>(args, 4, &line, &shutdown).await?);
 
     println!("hibiki dev: the mesh runs in this process (Ctrl-C stops it)\n");
     println!("  {:<10} {:<24} {:<24}", "service", "gRPC", "metrics");
@@ -276,6 +277,7 @@ async fn seed_demo(contacts: &Running, shared: &RuntimeConfig) -> Result<(), Str
 async fn launch<S: Service>(
     args: &DevArgs,
     index: u16,
+    line_api_url: &str,
     shutdown: &Shutdown,
 ) -> Result<Running, DevError> {
     let grpc = SocketAddr::new(args.host, args.grpc_port + index);
@@ -291,7 +293,9 @@ async fn launch<S: Service>(
         .set(
             "HIBIKI_CONTACTS_URL",
             format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 1)),
-        );
+        )
+        // delivery calls line-sim, not LINE.
+        .set("HIBIKI_LINE_API_URL", line_api_url);
     let config = S::config_from_env(&env)?;
     let name = S::DEFAULTS.name;
     let app = S::build(config)

@@ -189,6 +189,47 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         "every storm webhook is accepted: {report}"
     );
 
+    // delivery sends through line-sim: a push for the demo channel lands in
+    // line-sim's ledger.
+    let delivery = format!("http://127.0.0.1:{}", grpc_base + 3);
+    let mut client =
+        hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient::new(
+            hibiki_testkit::authorized(&delivery, hibiki_runtime::config::DEV_SERVICE_TOKEN),
+        );
+    let job = client
+        .send(hibiki_proto::delivery::v1::SendRequest {
+            tenant_id: "demo".into(),
+            channel_id: "1000000001".into(),
+            idempotency_key: hibiki_testkit::random_id(),
+            target: Some(hibiki_proto::delivery::v1::send_request::Target::PushTo(
+                format!("U{:032x}", 42),
+            )),
+            messages_json: vec![r#"{"type":"text","text":"welcome"}"#.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("delivery takes the push");
+    assert!(!job.get_ref().job_id.is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ledger: serde_json::Value = http
+            .get(format!("{admin}/ledger/messages?recipient=U{:032x}", 42))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ledger["messages"].as_array().is_some_and(|m| m.len() == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the push never reached line-sim: {ledger}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
