@@ -175,12 +175,19 @@ impl Service for Application {
             .map_err(|e| HostError::Startup(format!("an HTTP client for LINE: {e}")))?;
         let keys = queue::Keys::new(redis);
         let dead = deadletters::DeadLetters::new(pool);
+        let segments = hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient::with_interceptor(
+            hibiki_runtime::grpc::channel(&config.contacts_url)
+                .map_err(|e| HostError::Startup(format!("HIBIKI_CONTACTS_URL: {e}")))?,
+            hibiki_runtime::grpc::ClientInterceptor::new(&token)
+                .map_err(|e| HostError::Startup(format!("HIBIKI_SERVICE_TOKENS: {e}")))?,
+        );
         let mut routes = GrpcRoutes::new();
         routes.add(DeliveryServiceServer::new(service::Delivery::new(
             keys.clone(),
             channels.clone(),
             dead.clone(),
             line.clone(),
+            segments.clone(),
             service::ServiceConfig {
                 max_queue: config.max_queue,
                 job_ttl: config.worker.job_ttl,
@@ -192,7 +199,8 @@ impl Service for Application {
             tokio::spawn(async move {
                 // Dead letters go to PostgreSQL: wait for its schema.
                 migrated.wait().await;
-                let _ = worker::start(keys, line, channels, dead, worker_config, stop).await;
+                let _ =
+                    worker::start(keys, line, channels, segments, dead, worker_config, stop).await;
             })
         });
         Ok(Self {

@@ -61,6 +61,8 @@ pub fn endpoint_of(call: &QueuedCall) -> Endpoint {
         CallKind::LinkRichMenu => Endpoint::LinkRichMenu,
         CallKind::UnlinkRichMenu if users > 1 => Endpoint::BulkUnlinkRichMenu,
         CallKind::UnlinkRichMenu | CallKind::Unspecified => Endpoint::UnlinkRichMenu,
+        // Not a LINE call itself; it makes multicasts.
+        CallKind::ExpandSegment => Endpoint::Multicast,
     }
 }
 

@@ -142,7 +142,8 @@ impl Keys {
 /// Queues a new job's call, unless the idempotency key has a job already.
 /// KEYS: idem, job, stream, delayed. ARGV: job id, ttl ms, max queue length,
 /// call, due ms (0: now), then the job's fields (tenant, kind, channel,
-/// idempotency key, recipients). Returns {status, job id}: 1 queued, 0 a
+/// idempotency key, recipients, whether its recipients are still being
+/// listed (1/0): a broadcast's). Returns {status, job id}: 1 queued, 0 a
 /// repeat (the existing job), 2 the queue is full.
 pub static ENQUEUE: Script = Script::new(
     r#"
@@ -156,7 +157,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'tenant', ARGV[6], 'kind', ARGV[7], 'channel', ARGV[8],
   'idem', ARGV[9], 'total', ARGV[10], 'succeeded', 0, 'failed', 0, 'attempts', 0,
-  'created', now, 'updated', now)
+  'created', now, 'updated', now, 'expanding', ARGV[11])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local due = tonumber(ARGV[5])
 if due > now then
@@ -309,6 +310,28 @@ for i = 2, #KEYS do
   end
 end
 redis.call('XADD', KEYS[1], '*', 'c', ARGV[1])
+return 1
+"#,
+);
+
+/// One page of a segment broadcast: queues the page's multicast (when the
+/// page has members) and the next page (when there is one), adds the page's
+/// members to the job, and removes the page's entry, at once.
+/// KEYS: stream, job. ARGV: entry id, multicast (or empty), next page (or
+/// empty), members on the page.
+pub static EXPAND: Script = Script::new(
+    r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'total', tonumber(ARGV[4]))
+  if ARGV[3] == '' then redis.call('HSET', KEYS[2], 'expanding', 0) end
+  redis.call('HSET', KEYS[2], 'updated', now)
+end
+if ARGV[2] ~= '' then redis.call('XADD', KEYS[1], '*', 'c', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('XADD', KEYS[1], '*', 'c', ARGV[3]) end
+redis.call('XACK', KEYS[1], 'delivery', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 "#,
 );

@@ -49,6 +49,7 @@ pub struct Delivery {
     channels: Channels,
     dead: DeadLetters,
     line: LineApi,
+    segments: crate::worker::Segments,
     config: ServiceConfig,
     aliases: AliasCache,
 }
@@ -59,6 +60,7 @@ impl Delivery {
         channels: Channels,
         dead: DeadLetters,
         line: LineApi,
+        segments: crate::worker::Segments,
         config: ServiceConfig,
     ) -> Self {
         Self {
@@ -66,6 +68,7 @@ impl Delivery {
             channels,
             dead,
             line,
+            segments,
             config,
             aliases: Arc::default(),
         }
@@ -99,11 +102,21 @@ impl Delivery {
         not_before_ms: i64,
     ) -> Result<Job> {
         let job_id = call.parts[0].job_id.clone();
+        // A broadcast's pages wait behind taps and scenario messages.
+        let (class, expanding) = if call.kind() == CallKind::ExpandSegment {
+            (Class::Bulk, "1")
+        } else {
+            (Class::Realtime, "0")
+        };
         let q = QueueId {
             channel_id: call.channel_id.clone(),
-            class: Class::Realtime,
+            class,
         };
-        let recipients: usize = call.parts.iter().map(|p| p.user_ids.len().max(1)).sum();
+        let recipients: usize = if expanding == "1" {
+            0
+        } else {
+            call.parts.iter().map(|p| p.user_ids.len().max(1)).sum()
+        };
         let keys = [
             self.keys
                 .idem(&call.channel_id, &call.tenant_id, idempotency_key),
@@ -136,6 +149,7 @@ impl Delivery {
                     call.channel_id.as_bytes(),
                     idempotency_key.as_bytes(),
                     total.as_bytes(),
+                    expanding.as_bytes(),
                 ],
             )
             .await?;
@@ -183,7 +197,8 @@ impl Delivery {
             num("failed"),
             num("attempts"),
         );
-        let status = if succeeded + failed < total {
+        let expanding = fields.get("expanding").map(String::as_str) == Some("1");
+        let status = if expanding || succeeded + failed < total {
             if attempts > 0 {
                 JobStatus::Running
             } else {
@@ -450,9 +465,44 @@ impl DeliveryService for Delivery {
     ) -> std::result::Result<Response<Job>, Status> {
         let r = request.get_ref();
         authorize(&request, &r.tenant_id)?;
-        Err(Status::unimplemented(
-            "Broadcast (a segment's members paged from contacts into multicasts) is not built yet",
-        ))
+        self.channel(&r.tenant_id, &r.channel_id)?;
+        check_idempotency_key(&r.idempotency_key)?;
+        if r.segment_id.is_empty() {
+            return Err(Error::invalid("segment_id", "must not be empty").into());
+        }
+        check_messages(&r.messages_json, "messages_json")?;
+        // The segment exists and is computed: contacts answers its first
+        // member (NOT_FOUND and FAILED_PRECONDITION pass through).
+        self.segments
+            .clone()
+            .list_segment_members(hibiki_proto::contacts::v1::ListSegmentMembersRequest {
+                tenant_id: r.tenant_id.clone(),
+                segment_id: r.segment_id.clone(),
+                page: Some(hibiki_proto::common::v1::PageRequest {
+                    page_size: 1,
+                    page_token: String::new(),
+                }),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+                    Status::new(s.code(), format!("segment_id: {}", s.message()))
+                }
+                _ => Status::unavailable(format!("contacts: {}", s.message())),
+            })?;
+        let mut call = base_call(&r.tenant_id, &r.channel_id, CallKind::ExpandSegment);
+        call.segment_id = r.segment_id.clone();
+        call.messages_json = r.messages_json.clone();
+        call.notification_disabled = r.notification_disabled;
+        call.parts = vec![CallPart {
+            job_id: keys::job_id(&r.tenant_id, &r.channel_id, &r.idempotency_key),
+            user_ids: Vec::new(),
+            retry_key: keys::retry_key(&r.tenant_id, &r.channel_id, &r.idempotency_key),
+        }];
+        let job = self
+            .enqueue(call, JobKind::Broadcast, &r.idempotency_key, 0)
+            .await?;
+        Ok(Response::new(job))
     }
 
     async fn get_job(

@@ -115,11 +115,20 @@ impl WorkerConfig {
     }
 }
 
+/// contacts' segment service, called with delivery's service token.
+pub type Segments = hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        hibiki_runtime::grpc::ClientInterceptor,
+    >,
+>;
+
 /// What every queue task shares.
 struct Ctx {
     keys: Keys,
     line: LineApi,
     channels: Channels,
+    segments: Segments,
     dead: DeadLetters,
     config: WorkerConfig,
     /// This worker's name in leases and the consumer group.
@@ -133,6 +142,7 @@ pub fn start(
     keys: Keys,
     line: LineApi,
     channels: Channels,
+    segments: Segments,
     dead: DeadLetters,
     config: WorkerConfig,
     shutdown: Shutdown,
@@ -147,6 +157,7 @@ pub fn start(
         keys,
         line,
         channels,
+        segments,
         dead,
         bulk: Semaphore::new(config.bulk_concurrency.max(1)),
         config,
@@ -457,6 +468,9 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                             .increment(ids.len() as u64);
                     }
                 }
+                Action::Send(id, call) if call.kind() == CallKind::ExpandSegment => {
+                    inflight.spawn(expand(ctx.clone(), q.clone(), id, call));
+                }
                 Action::Send(id, call) => {
                     inflight.spawn(send(ctx.clone(), q.clone(), id, call));
                 }
@@ -618,6 +632,129 @@ async fn acquire(ctx: &Ctx, channel_id: &str, endpoint: Endpoint) {
     }
     metrics::histogram!("hibiki_delivery_rate_wait_seconds", "endpoint" => endpoint.name())
         .record(started.elapsed().as_secs_f64());
+}
+
+/// The most members one broadcast page lists (one multicast).
+const PAGE: u32 = MAX_RECIPIENTS as u32;
+
+/// Lists one page of a broadcast's segment and queues its multicast and
+/// the next page.
+async fn expand(ctx: Arc<Ctx>, q: QueueId, id: String, call: QueuedCall) {
+    use hibiki_proto::common::v1::PageRequest;
+    use hibiki_proto::contacts::v1::ListSegmentMembersRequest;
+    let listed = ctx
+        .segments
+        .clone()
+        .list_segment_members(ListSegmentMembersRequest {
+            tenant_id: call.tenant_id.clone(),
+            segment_id: call.segment_id.clone(),
+            page: Some(PageRequest {
+                page_size: PAGE,
+                page_token: call.page_token.clone(),
+            }),
+        })
+        .await;
+    let page = match listed {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let answer = Answer {
+                status: 0,
+                body: format!(
+                    "segment {:?} not listed by contacts: {} ({:?})",
+                    call.segment_id,
+                    status.message(),
+                    status.code()
+                ),
+                request_id: String::new(),
+            };
+            let permanent = matches!(
+                status.code(),
+                tonic::Code::NotFound
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+            );
+            let mut call = call;
+            call.attempts.push(Attempt {
+                at: Some(timestamp::to_proto(chrono::Utc::now())),
+                status: 0,
+                error: answer.body.clone(),
+                line_request_id: String::new(),
+            });
+            if permanent || call.attempts.len() >= ctx.config.max_attempts {
+                dead_letter(&ctx, &q, &id, call, Endpoint::Multicast, &answer).await;
+            } else {
+                let after = ctx.config.backoff(call.attempts.len());
+                let later = Settle::Later {
+                    after,
+                    call: Box::new(call.clone()),
+                    attempt: false,
+                };
+                settle(&ctx, &q, &id, &call, later, &answer, &answer.body).await;
+            }
+            return;
+        }
+    };
+    let Some(part) = call.parts.first() else {
+        tracing::error!(entry = %id, "a broadcast page without its job");
+        return;
+    };
+    let users = page.line_user_ids;
+    let multicast = (!users.is_empty()).then(|| {
+        let key = keys::retry_key(
+            &call.tenant_id,
+            &call.channel_id,
+            &format!("{}#page{}", part.retry_key, call.page),
+        );
+        QueuedCall {
+            kind: CallKind::Multicast as i32,
+            parts: vec![hibiki_proto::delivery::v1::CallPart {
+                job_id: part.job_id.clone(),
+                user_ids: users.clone(),
+                retry_key: key.clone(),
+            }],
+            retry_key: key,
+            segment_id: String::new(),
+            page_token: String::new(),
+            ..call.clone()
+        }
+        .encode_to_vec()
+    });
+    let next_token = page.page.map(|p| p.next_page_token).unwrap_or_default();
+    let next = (!next_token.is_empty()).then(|| {
+        QueuedCall {
+            page_token: next_token,
+            page: call.page + 1,
+            ..call.clone()
+        }
+        .encode_to_vec()
+    });
+    let n = users.len().to_string();
+    let keys = [
+        ctx.keys.stream(&q),
+        ctx.keys.job(&call.channel_id, &part.job_id),
+    ];
+    let (multicast, next) = (multicast.unwrap_or_default(), next.unwrap_or_default());
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match ctx
+            .keys
+            .redis()
+            .script::<i64>(
+                &queue::EXPAND,
+                &[&keys[0], &keys[1]],
+                &[id.as_bytes(), &multicast, &next, n.as_bytes()],
+            )
+            .await
+        {
+            Ok(_) => return,
+            Err(e) if !ctx.shutdown.is_triggered() => {
+                tracing::warn!(error = %e, "broadcast page not queued; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// How a call settles in Redis.

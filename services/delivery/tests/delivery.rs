@@ -11,9 +11,9 @@ use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
 use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{
-    GetJobRequest, Job, JobStatus, LinkRichMenuRequest, ListDeadLettersRequest, Recipients,
-    ReplayDeadLettersRequest, SendRequest, UnlinkRichMenuRequest, link_rich_menu_request,
-    send_request,
+    BroadcastRequest, GetJobRequest, Job, JobStatus, LinkRichMenuRequest, ListDeadLettersRequest,
+    Recipients, ReplayDeadLettersRequest, SendRequest, UnlinkRichMenuRequest,
+    link_rich_menu_request, send_request,
 };
 use hibiki_runtime::Shutdown;
 use hibiki_testkit::{
@@ -46,6 +46,7 @@ fn text(t: &str) -> String {
 /// and delivery's settings pointing at them.
 struct Mesh {
     _database: TestDatabase,
+    contacts: String,
     _keys: RedisKeys,
     contacts_stop: Shutdown,
     sim: LineSim,
@@ -102,7 +103,7 @@ impl Mesh {
             .await
             .expect("line-sim starts");
         let mut env = base;
-        env.insert("HIBIKI_CONTACTS_URL".into(), contacts);
+        env.insert("HIBIKI_CONTACTS_URL".into(), contacts.clone());
         env.insert("HIBIKI_LINE_API_URL".into(), sim.api_url());
         env.insert("HIBIKI_LINE_TIMEOUT_MS".into(), "1000".into());
         env.insert("HIBIKI_DELIVERY_BACKOFF_MS".into(), "20".into());
@@ -114,6 +115,7 @@ impl Mesh {
         }
         Self {
             _database: database,
+            contacts,
             _keys: keys,
             contacts_stop,
             sim,
@@ -805,4 +807,108 @@ async fn a_worker_killed_mid_call_is_replaced_and_the_message_is_sent_once() {
     assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
     assert_eq!(mesh.sent().len(), 1, "sent exactly once");
     assert_eq!(mesh.count(Endpoint::Push, 409), 1, "the resend was a 409");
+}
+
+#[tokio::test]
+async fn a_broadcast_pages_the_segment_into_multicasts_of_500_each_member_once() {
+    use hibiki_proto::common::v1::ContactRef;
+    use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
+    use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
+    use hibiki_proto::contacts::v1::{
+        CreateSegmentRequest, HasTag, SegmentRule, UpsertContactRequest, segment_rule::Node,
+    };
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    // 1,100 friends in the campaign (three pages: 500, 500, 100), and 20 not.
+    let mut tasks = Vec::new();
+    for caller in 0..8u64 {
+        let mut contacts = ContactServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN));
+        tasks.push(tokio::spawn(async move {
+            for n in (caller..1120).step_by(8) {
+                let tags = if n < 1100 {
+                    vec!["campaign:spring".to_owned()]
+                } else {
+                    vec![]
+                };
+                contacts
+                    .upsert_contact(UpsertContactRequest {
+                        contact: Some(ContactRef {
+                            tenant_id: ACME.into(),
+                            line_user_id: user(n),
+                        }),
+                        add_tags: tags,
+                        idempotency_key: format!("seed{n}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("a contact");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let segment = SegmentServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN))
+        .create_segment(CreateSegmentRequest {
+            tenant_id: ACME.into(),
+            name: "spring".into(),
+            description: String::new(),
+            rule: Some(SegmentRule {
+                node: Some(Node::HasTag(HasTag {
+                    tag: "campaign:spring".into(),
+                })),
+            }),
+        })
+        .await
+        .expect("a segment")
+        .into_inner();
+    let mut client = mesh.client();
+    let request = BroadcastRequest {
+        tenant_id: ACME.into(),
+        channel_id: ACME_CHANNEL.into(),
+        idempotency_key: "spring-sale".into(),
+        segment_id: segment.segment_id.clone(),
+        messages_json: vec![text("spring sale")],
+        notification_disabled: false,
+    };
+    let job = client
+        .broadcast(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(30)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.recipients_total, 1100);
+    assert_eq!(done.recipients_succeeded, 1100);
+    // A repeat is the same job, and sends nothing more.
+    let again = client.broadcast(request).await.unwrap().into_inner();
+    assert_eq!(again.job_id, job.job_id);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = mesh.sent();
+    assert_eq!(sent.len(), 1100);
+    let users: HashSet<&str> = sent.iter().map(|m| m.recipient.as_str()).collect();
+    assert_eq!(users.len(), 1100, "each member once");
+    assert!(!users.contains(user(1105).as_str()), "a non-member got it");
+    assert!(sent.iter().all(|m| m.endpoint == Endpoint::Multicast));
+    assert_eq!(mesh.count(Endpoint::Multicast, 200), 3);
+
+    let missing = client
+        .broadcast(BroadcastRequest {
+            segment_id: "nope".into(),
+            idempotency_key: "other".into(),
+            ..BroadcastRequest {
+                tenant_id: ACME.into(),
+                channel_id: ACME_CHANNEL.into(),
+                idempotency_key: String::new(),
+                segment_id: String::new(),
+                messages_json: vec![text("x")],
+                notification_disabled: false,
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    assert!(missing.message().contains("segment_id"));
 }
