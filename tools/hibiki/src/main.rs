@@ -3,9 +3,11 @@
 //! - `hibiki dev` runs every service in one process, each on its own port,
 //!   talking real gRPC over loopback, against the local PostgreSQL and Redis.
 //! - `hibiki import contacts.csv --tenant T` streams a CSV into contacts.
+//! - `hibiki dlq list|replay --tenant T` shows and replays dead letters.
 #![forbid(unsafe_code)]
 
 mod dev;
+mod dlq;
 mod import;
 
 use std::process::ExitCode;
@@ -26,6 +28,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Import contacts from a CSV file into a tenant (resumable).
     Import(import::ImportArgs),
+    /// Dead letters: LINE calls that failed for good (list, replay).
+    Dlq(dlq::DlqArgs),
 }
 
 /// The services' allocator, also when `hibiki dev` runs them in-process.
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Dev(args) => dev::run(args).await,
             Command::Import(args) => import::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
         }
     })
 }
