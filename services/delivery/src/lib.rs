@@ -67,6 +67,10 @@ pub struct Config {
     /// `HIBIKI_DELIVERY_MAX_QUEUE`: calls a channel's queue may hold before
     /// requests get RESOURCE_EXHAUSTED. Default 1,000,000.
     pub max_queue: u64,
+    /// `HIBIKI_DELIVERY_WORKERS`: whether this replica also sends (`true`,
+    /// the default) or only takes requests (`false`: replicas that serve
+    /// the API apart from the ones that send).
+    pub workers: bool,
 }
 
 impl Config {
@@ -125,6 +129,7 @@ impl Config {
             )?,
             line_timeout: r.millis("HIBIKI_LINE_TIMEOUT_MS", Duration::from_secs(5))?,
             max_queue: r.parse("HIBIKI_DELIVERY_MAX_QUEUE", 1_000_000u64)?,
+            workers: r.parse("HIBIKI_DELIVERY_WORKERS", true)?,
             worker,
         })
     }
@@ -195,8 +200,15 @@ impl Service for Application {
         )));
         let worker_config = config.worker;
         let migrated = host.migrated();
+        let workers = config.workers;
         let start_workers = Box::new(move |stop: Shutdown| {
             tokio::spawn(async move {
+                if !workers {
+                    tracing::info!(
+                        "HIBIKI_DELIVERY_WORKERS=false: this replica takes requests and sends nothing"
+                    );
+                    return;
+                }
                 // Dead letters go to PostgreSQL: wait for its schema.
                 migrated.wait().await;
                 let _ =

@@ -6,6 +6,7 @@
 //! | key | what |
 //! |---|---|
 //! | `<p>:dq:{ch}:q:<class>` | the ready queue: a stream of `QueuedCall`s (field `c`), read by the consumer group `delivery` |
+//! | `<p>:dq:{ch}:q:<class>:merged` | calls coalesced from the ready queue (same group), read first |
 //! | `<p>:dq:{ch}:q:<class>:delayed` | retries and held sends: a sorted set of `QueuedCall`s by due time (ms) |
 //! | `<p>:dq:{ch}:q:<class>:lease` | the worker that owns the queue now (a lease, renewed while it works) |
 //! | `<p>:dq:{ch}:job:<job>` | a job's progress (hash), `…:ids` its LINE request ids (list, last 100) |
@@ -102,6 +103,12 @@ impl Keys {
         self.channel(&q.channel_id, &format!("q:{}", q.class.name()))
     }
 
+    /// Calls coalesced from the ready queue, read before it: a merged call
+    /// leaves at once instead of behind the backlog it was taken from.
+    pub fn merged(&self, q: &QueueId) -> String {
+        self.channel(&q.channel_id, &format!("q:{}:merged", q.class.name()))
+    }
+
     pub fn delayed(&self, q: &QueueId) -> String {
         self.channel(&q.channel_id, &format!("q:{}:delayed", q.class.name()))
     }
@@ -169,11 +176,12 @@ return {1, ARGV[1]}
 "#,
 );
 
-/// Coalesces calls: adds the merged call and removes its sources, at once.
-/// KEYS: stream. ARGV: merged call, then the sources' entry ids.
+/// Coalesces calls: adds the merged call to the merged stream and removes
+/// its sources from the ready queue, at once. KEYS: stream, merged stream.
+/// ARGV: merged call, then the sources' entry ids.
 pub static MERGE: Script = Script::new(
     r#"
-redis.call('XADD', KEYS[1], '*', 'c', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'c', ARGV[1])
 for i = 2, #ARGV do
   redis.call('XACK', KEYS[1], 'delivery', ARGV[i])
   redis.call('XDEL', KEYS[1], ARGV[i])
@@ -273,12 +281,14 @@ return 0
 "#,
 );
 
-/// Releases a lease held by ARGV[1] if the queue is empty (ready and
-/// delayed). KEYS: lease, stream, delayed. Returns 1 when released.
+/// Releases a lease held by ARGV[1] if the queue is empty (ready, merged
+/// and delayed). KEYS: lease, stream, delayed, merged. Returns 1 when
+/// released.
 pub static RELEASE_IF_EMPTY: Script = Script::new(
     r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('XLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[3]) > 0 then return 0 end
+if redis.call('XLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[3]) > 0
+  or redis.call('XLEN', KEYS[4]) > 0 then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 "#,

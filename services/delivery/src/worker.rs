@@ -344,32 +344,48 @@ fn merged(sources: Vec<Read>) -> Action {
 /// Reads and sends one queue's calls while this worker holds its lease.
 async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
     let stream = ctx.keys.stream(&q);
+    let merged = ctx.keys.merged(&q);
     let redis = ctx.keys.redis().clone();
-    let mut create = redis::cmd("XGROUP");
-    create
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM");
-    if let Err(e) = redis.command::<()>(&create).await
-        && !queue::is_busy_group(&e)
-    {
-        tracing::warn!(queue = %q.member(), error = %e, "queue group not created");
-        release(&ctx, &q).await;
-        return;
+    for key in [&stream, &merged] {
+        let mut create = redis::cmd("XGROUP");
+        create
+            .arg("CREATE")
+            .arg(key)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM");
+        if let Err(e) = redis.command::<()>(&create).await
+            && !queue::is_busy_group(&e)
+        {
+            tracing::warn!(queue = %q.member(), error = %e, "queue group not created");
+            release(&ctx, &q).await;
+            return;
+        }
     }
     // Each call is its own task: a call waiting for the limit or for LINE
     // never stands in the way of this loop, nor this loop in its way.
     let mut inflight = tokio::task::JoinSet::new();
-    // Until it is through, the XAUTOCLAIM cursor over calls a previous
-    // owner left pending.
-    let mut reclaim: Option<String> = Some("0-0".to_owned());
+    // Calls a previous owner left pending, claimed first (merged ones
+    // before the rest): each stream with its XAUTOCLAIM cursor.
+    let mut reclaim: Vec<(String, String)> = vec![
+        (merged.clone(), "0-0".to_owned()),
+        (stream.clone(), "0-0".to_owned()),
+    ];
     let mut renewed = Instant::now();
     let mut requeued = Instant::now() - Duration::from_secs(1);
     let mut idle_since: Option<Instant> = None;
     let mut nap = Duration::from_millis(2);
+    // A read takes up to a bulk link's worth, so that a backlog merges into
+    // full bulk links; the in-flight bound is checked before each read.
     let batch = MAX_RECIPIENTS;
+    let spawn =
+        |inflight: &mut tokio::task::JoinSet<()>, from: &str, id: String, call: QueuedCall| {
+            if call.kind() == CallKind::ExpandSegment {
+                inflight.spawn(expand(ctx.clone(), q.clone(), from.to_owned(), id, call));
+            } else {
+                inflight.spawn(send(ctx.clone(), q.clone(), from.to_owned(), id, call));
+            }
+        };
     loop {
         if ctx.shutdown.is_triggered() {
             break;
@@ -395,30 +411,42 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                 .await;
         }
         while inflight.try_join_next().is_some() {}
-        let room = ctx
-            .config
-            .channel_concurrency
-            .saturating_sub(inflight.len());
-        if room == 0 {
+        if inflight.len() >= ctx.config.channel_concurrency {
             inflight.join_next().await;
             continue;
         }
-        let read = match reclaim.take() {
-            Some(cursor) => match read_pending(&ctx, &stream, &cursor, room).await {
+        if let Some((key, cursor)) = reclaim.first().cloned() {
+            match read_pending(&ctx, &key, &cursor, batch).await {
                 Ok((next, calls)) => {
-                    if next != "0-0" {
-                        reclaim = Some(next);
+                    if next == "0-0" {
+                        reclaim.remove(0);
+                    } else {
+                        reclaim[0].1 = next;
                     }
-                    Ok(calls)
+                    for (id, call) in calls {
+                        spawn(&mut inflight, &key, id, call);
+                    }
                 }
                 Err(e) => {
-                    reclaim = Some(cursor);
-                    Err(e)
+                    tracing::warn!(queue = %q.member(), error = %e, "queue unreadable; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-            },
-            None => read_new(&ctx, &stream, room.min(batch)).await,
+            }
+            continue;
+        }
+        let ready = match read_new(&ctx, &merged, batch).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::warn!(queue = %q.member(), error = %e, "queue unreadable; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
-        let mut calls = match read {
+        let had_merged = !ready.is_empty();
+        for (id, call) in ready {
+            spawn(&mut inflight, &merged, id, call);
+        }
+        let mut calls = match read_new(&ctx, &stream, batch).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(queue = %q.member(), error = %e, "queue unreadable; retrying");
@@ -427,6 +455,9 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
             }
         };
         if calls.is_empty() {
+            if had_merged {
+                continue;
+            }
             if inflight.is_empty() {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= Duration::from_secs(1) && release_if_empty(&ctx, &q).await {
@@ -443,8 +474,7 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
         idle_since = None;
         nap = Duration::from_millis(2);
         // Let more links and pushes arrive to coalesce with.
-        if reclaim.is_none()
-            && calls.len() < batch
+        if calls.len() < batch
             && !ctx.config.coalesce_window.is_zero()
             && calls.iter().any(|(_, c)| coalescable(c))
         {
@@ -459,7 +489,10 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                     let bytes = call.encode_to_vec();
                     let mut args: Vec<&[u8]> = vec![&bytes];
                     args.extend(ids.iter().map(|i| i.as_bytes()));
-                    if let Err(e) = redis.script::<i64>(&queue::MERGE, &[&stream], &args).await {
+                    if let Err(e) = redis
+                        .script::<i64>(&queue::MERGE, &[&stream, &merged], &args)
+                        .await
+                    {
                         // The sources stay pending under this worker; the
                         // next owner of the queue sends them.
                         tracing::warn!(queue = %q.member(), error = %e, "calls not merged");
@@ -468,12 +501,7 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                             .increment(ids.len() as u64);
                     }
                 }
-                Action::Send(id, call) if call.kind() == CallKind::ExpandSegment => {
-                    inflight.spawn(expand(ctx.clone(), q.clone(), id, call));
-                }
-                Action::Send(id, call) => {
-                    inflight.spawn(send(ctx.clone(), q.clone(), id, call));
-                }
+                Action::Send(id, call) => spawn(&mut inflight, &stream, id, call),
             }
         }
     }
@@ -569,11 +597,11 @@ async fn release(ctx: &Ctx, q: &QueueId) {
 /// puts it back if a call arrived meanwhile). True when given up.
 async fn release_if_empty(ctx: &Ctx, q: &QueueId) -> bool {
     let redis = ctx.keys.redis();
-    let (stream, delayed) = (ctx.keys.stream(q), ctx.keys.delayed(q));
+    let (stream, delayed, merged) = (ctx.keys.stream(q), ctx.keys.delayed(q), ctx.keys.merged(q));
     let released: Result<i64, _> = redis
         .script(
             &queue::RELEASE_IF_EMPTY,
-            &[&ctx.keys.lease(q), &stream, &delayed],
+            &[&ctx.keys.lease(q), &stream, &delayed, &merged],
             &[ctx.name.as_bytes()],
         )
         .await;
@@ -587,9 +615,14 @@ async fn release_if_empty(ctx: &Ctx, q: &QueueId) -> bool {
     // An enqueue between the check and SREM added its call and then its
     // SADD, which SREM may have undone: look again.
     let mut pipe = redis::pipe();
-    pipe.cmd("XLEN").arg(&stream).cmd("ZCARD").arg(&delayed);
-    if let Ok((ready, later)) = redis.pipeline::<(i64, i64)>(&pipe).await
-        && ready + later > 0
+    pipe.cmd("XLEN")
+        .arg(&stream)
+        .cmd("ZCARD")
+        .arg(&delayed)
+        .cmd("XLEN")
+        .arg(&merged);
+    if let Ok((ready, later, coalesced)) = redis.pipeline::<(i64, i64, i64)>(&pipe).await
+        && ready + later + coalesced > 0
     {
         let _: Result<i64, _> = redis
             .command(redis::cmd("SADD").arg(ctx.keys.active()).arg(&member))
@@ -639,7 +672,12 @@ const PAGE: u32 = MAX_RECIPIENTS as u32;
 
 /// Lists one page of a broadcast's segment and queues its multicast and
 /// the next page.
-async fn expand(ctx: Arc<Ctx>, q: QueueId, id: String, call: QueuedCall) {
+async fn expand(ctx: Arc<Ctx>, q: QueueId, from: String, id: String, call: QueuedCall) {
+    let at = Entry {
+        q: q.clone(),
+        from: from.clone(),
+        id: id.clone(),
+    };
     use hibiki_proto::common::v1::PageRequest;
     use hibiki_proto::contacts::v1::ListSegmentMembersRequest;
     let listed = ctx
@@ -681,7 +719,7 @@ async fn expand(ctx: Arc<Ctx>, q: QueueId, id: String, call: QueuedCall) {
                 line_request_id: String::new(),
             });
             if permanent || call.attempts.len() >= ctx.config.max_attempts {
-                dead_letter(&ctx, &q, &id, call, Endpoint::Multicast, &answer).await;
+                dead_letter(&ctx, &at, call, Endpoint::Multicast, &answer).await;
             } else {
                 let after = ctx.config.backoff(call.attempts.len());
                 let later = Settle::Later {
@@ -689,7 +727,7 @@ async fn expand(ctx: Arc<Ctx>, q: QueueId, id: String, call: QueuedCall) {
                     call: Box::new(call.clone()),
                     attempt: false,
                 };
-                settle(&ctx, &q, &id, &call, later, &answer, &answer.body).await;
+                settle(&ctx, &at, &call, later, &answer, &answer.body).await;
             }
             return;
         }
@@ -729,10 +767,7 @@ async fn expand(ctx: Arc<Ctx>, q: QueueId, id: String, call: QueuedCall) {
         .encode_to_vec()
     });
     let n = users.len().to_string();
-    let keys = [
-        ctx.keys.stream(&q),
-        ctx.keys.job(&call.channel_id, &part.job_id),
-    ];
+    let keys = [from.clone(), ctx.keys.job(&call.channel_id, &part.job_id)];
     let (multicast, next) = (multicast.unwrap_or_default(), next.unwrap_or_default());
     let mut wait = Duration::from_millis(50);
     loop {
@@ -757,6 +792,14 @@ async fn expand(ctx: Arc<Ctx>, q: QueueId, id: String, call: QueuedCall) {
     }
 }
 
+/// Where a call read from a queue sits: its queue, the stream it was read
+/// from (ready or merged), its entry id.
+struct Entry {
+    q: QueueId,
+    from: String,
+    id: String,
+}
+
 /// How a call settles in Redis.
 enum Settle {
     /// Sent: the parts' recipients succeeded.
@@ -772,7 +815,8 @@ enum Settle {
 }
 
 /// Sends one call and settles it.
-async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
+async fn send(ctx: Arc<Ctx>, q: QueueId, from: String, id: String, mut call: QueuedCall) {
+    let at = Entry { q, from, id };
     let endpoint = endpoint_of(&call);
     let token = loop {
         match ctx.channels.lookup(&call.channel_id) {
@@ -790,11 +834,11 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
             ),
             request_id: String::new(),
         };
-        dead_letter(&ctx, &q, &id, call, endpoint, &answer).await;
+        dead_letter(&ctx, &at, call, endpoint, &answer).await;
         return;
     };
     acquire(&ctx, &call.channel_id, endpoint).await;
-    let _permit = match q.class {
+    let _permit = match at.q.class {
         Class::Bulk => ctx.bulk.acquire().await.ok(),
         Class::Realtime => None,
     };
@@ -812,7 +856,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
             } else {
                 DeliveryOutcome::AlreadyAccepted
             };
-            settle(&ctx, &q, &id, &call, Settle::Sent, &answer, "").await;
+            settle(&ctx, &at, &call, Settle::Sent, &answer, "").await;
             publish(&ctx, &call, endpoint, outcome).await;
         }
         Verdict::RateLimited => {
@@ -837,16 +881,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
                 call: Box::new(call.clone()),
                 attempt: false,
             };
-            settle(
-                &ctx,
-                &q,
-                &id,
-                &call,
-                later,
-                &answer,
-                "429 from LINE: paused",
-            )
-            .await;
+            settle(&ctx, &at, &call, later, &answer, "429 from LINE: paused").await;
             publish(&ctx, &call, endpoint, DeliveryOutcome::Retrying).await;
         }
         Verdict::Dead
@@ -869,8 +904,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
             };
             settle(
                 &ctx,
-                &q,
-                &id,
+                &at,
                 &call,
                 later,
                 &answer,
@@ -878,7 +912,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
             )
             .await;
         }
-        Verdict::Dead => dead_letter(&ctx, &q, &id, call, endpoint, &answer).await,
+        Verdict::Dead => dead_letter(&ctx, &at, call, endpoint, &answer).await,
         Verdict::Retry => {
             call.attempts.push(Attempt {
                 at: Some(timestamp::to_proto(chrono::Utc::now())),
@@ -887,7 +921,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
                 line_request_id: answer.request_id.clone(),
             });
             if call.attempts.len() >= ctx.config.max_attempts {
-                dead_letter(&ctx, &q, &id, call, endpoint, &answer).await;
+                dead_letter(&ctx, &at, call, endpoint, &answer).await;
                 return;
             }
             metrics::counter!("hibiki_delivery_retries_total", "endpoint" => endpoint.name())
@@ -899,7 +933,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
                 call: Box::new(call.clone()),
                 attempt: true,
             };
-            settle(&ctx, &q, &id, &call, later, &answer, &error).await;
+            settle(&ctx, &at, &call, later, &answer, &error).await;
             publish(&ctx, &call, endpoint, DeliveryOutcome::Retrying).await;
         }
     }
@@ -907,8 +941,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, id: String, mut call: QueuedCall) {
 
 async fn dead_letter(
     ctx: &Ctx,
-    q: &QueueId,
-    id: &str,
+    at: &Entry,
     mut call: QueuedCall,
     endpoint: Endpoint,
     answer: &Answer,
@@ -942,7 +975,7 @@ async fn dead_letter(
     metrics::counter!("hibiki_delivery_dead_letters_total", "endpoint" => endpoint.name())
         .increment(1);
     let error = format!("LINE answered {}: dead-lettered", answer.status);
-    settle(ctx, q, id, &call, Settle::Dead, answer, &error).await;
+    settle(ctx, at, &call, Settle::Dead, answer, &error).await;
     publish(ctx, &call, endpoint, DeliveryOutcome::DeadLettered).await;
 }
 
@@ -951,15 +984,14 @@ async fn dead_letter(
 /// again under the same retry key).
 async fn settle(
     ctx: &Ctx,
-    q: &QueueId,
-    id: &str,
+    at: &Entry,
     call: &QueuedCall,
     how: Settle,
     answer: &Answer,
     error: &str,
 ) {
-    let (stream, delayed) = (ctx.keys.stream(q), ctx.keys.delayed(q));
-    let mut keys: Vec<String> = vec![stream, delayed];
+    let (q, id) = (&at.q, at.id.as_str());
+    let mut keys: Vec<String> = vec![at.from.clone(), ctx.keys.delayed(q)];
     for p in &call.parts {
         keys.push(ctx.keys.job(&call.channel_id, &p.job_id));
         keys.push(ctx.keys.job_ids(&call.channel_id, &p.job_id));

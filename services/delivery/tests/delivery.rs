@@ -912,3 +912,116 @@ async fn a_broadcast_pages_the_segment_into_multicasts_of_500_each_member_once()
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     assert!(missing.message().contains("segment_id"));
 }
+
+#[tokio::test]
+async fn an_expired_reply_token_falls_back_to_a_push_and_quiet_hours_hold_a_send() {
+    let mesh = Mesh::start(SimConfig::default(), &[])
+        .await
+        .with_delivery()
+        .await;
+    let mut client = mesh.client();
+    // LINE never issued this reply token (or it expired): push instead.
+    let reply = client
+        .send(SendRequest {
+            tenant_id: ACME.into(),
+            channel_id: ACME_CHANNEL.into(),
+            idempotency_key: "run:3:step:1".into(),
+            target: Some(send_request::Target::ReplyToken("expired-token".into())),
+            reply_fallback_to: user(3),
+            messages_json: vec![text("thanks for joining")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = finished(&mut client, ACME, &reply.job_id, Duration::from_secs(10)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    let sent = mesh.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].endpoint, Endpoint::Push);
+    assert_eq!(sent[0].recipient, user(3));
+    assert_eq!(
+        sent[0].retry_key.as_deref(),
+        Some(keys::retry_key(ACME, ACME_CHANNEL, "run:3:step:1").as_str())
+    );
+    assert_eq!(mesh.count(Endpoint::Reply, 400), 1);
+
+    // Held until the end of the quiet window.
+    let until = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let held = client
+        .send(SendRequest {
+            not_before: Some(hibiki_runtime::timestamp::to_proto(until)),
+            ..push(ACME, ACME_CHANNEL, "quiet", &user(4), "good morning")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.status(), JobStatus::Queued);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(mesh.sent().len(), 1, "nothing leaves during quiet hours");
+    let done = finished(&mut client, ACME, &held.job_id, Duration::from_secs(10)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded);
+    let sent = mesh.sent();
+    let morning = sent.iter().find(|m| m.recipient == user(4)).unwrap();
+    assert!(
+        morning.at_ms as i64 >= until.timestamp_millis(),
+        "sent {} ms before the window ended",
+        until.timestamp_millis() - morning.at_ms as i64
+    );
+}
+
+#[tokio::test]
+async fn identical_pushes_leave_as_multicasts_and_each_user_gets_one() {
+    let mesh = Mesh::start(
+        SimConfig::default(),
+        &[("HIBIKI_DELIVERY_COALESCE_MS", "20")],
+    )
+    .await
+    .with_delivery()
+    .await;
+    let client = mesh.client();
+    let mut tasks = Vec::new();
+    for caller in 0..8u64 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in (caller..400).step_by(8) {
+                let job = client
+                    .send(push(
+                        ACME,
+                        ACME_CHANNEL,
+                        &format!("same{n}"),
+                        &user(n),
+                        "sale today",
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                ids.push(job.job_id);
+            }
+            ids
+        }));
+    }
+    let mut jobs = Vec::new();
+    for t in tasks {
+        jobs.extend(t.await.unwrap());
+    }
+    let mut client = client;
+    for id in &jobs {
+        let done = finished(&mut client, ACME, id, Duration::from_secs(20)).await;
+        assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    }
+    let sent = mesh.sent();
+    let users: HashSet<&str> = sent.iter().map(|m| m.recipient.as_str()).collect();
+    assert_eq!(sent.len(), 400);
+    assert_eq!(users.len(), 400, "each user once");
+    let in_multicasts = sent
+        .iter()
+        .filter(|m| m.endpoint == Endpoint::Multicast)
+        .count();
+    assert!(
+        in_multicasts >= 300,
+        "only {in_multicasts} of 400 in multicasts"
+    );
+    assert!(mesh.count(Endpoint::Multicast, 200) < 100);
+}
