@@ -211,12 +211,15 @@ for i = 1, parts do
     if mode == 'ok' then redis.call('HINCRBY', job, 'succeeded', n) end
     if mode == 'dead' then redis.call('HINCRBY', job, 'failed', n) end
     if ARGV[8] == '1' then redis.call('HINCRBY', job, 'attempts', 1) end
-    if ARGV[6] ~= '' then redis.call('HSET', job, 'last_error', ARGV[6]) end
-    redis.call('HSET', job, 'updated', now)
+    if ARGV[6] ~= '' then
+      redis.call('HSET', job, 'updated', now, 'last_error', ARGV[6])
+    else
+      redis.call('HSET', job, 'updated', now)
+    end
     if ARGV[5] ~= '' then
-      redis.call('RPUSH', ids, ARGV[5])
-      redis.call('LTRIM', ids, -100, -1)
-      redis.call('PEXPIRE', ids, ARGV[7])
+      local len = redis.call('RPUSH', ids, ARGV[5])
+      if len == 1 then redis.call('PEXPIRE', ids, ARGV[7]) end
+      if len > 100 then redis.call('LTRIM', ids, -100, -1) end
     end
   end
 end
