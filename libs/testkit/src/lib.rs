@@ -390,6 +390,12 @@ pub fn authorized(
 /// The `p` field of every entry of the Redis stream `key` at `redis_url`,
 /// oldest first: how hibiki's streams carry their protobuf payloads.
 pub async fn stream_payloads(redis_url: &str, key: &str) -> Vec<Vec<u8>> {
+    stream_fields(redis_url, key, "p").await
+}
+
+/// The `field` of every entry of the Redis stream `key` at `redis_url`,
+/// oldest first.
+pub async fn stream_fields(redis_url: &str, key: &str, field: &str) -> Vec<Vec<u8>> {
     /// (entry id, [(field, value)]).
     type Entry = (String, Vec<(String, Vec<u8>)>);
     let client = hibiki_runtime::redis::redis::Client::open(redis_url).expect("a Redis URL");
@@ -406,7 +412,7 @@ pub async fn stream_payloads(redis_url: &str, key: &str) -> Vec<Vec<u8>> {
         .expect("XRANGE works");
     entries
         .into_iter()
-        .filter_map(|(_, fields)| fields.into_iter().find(|(f, _)| f == "p").map(|(_, v)| v))
+        .filter_map(|(_, fields)| fields.into_iter().find(|(f, _)| f == field).map(|(_, v)| v))
         .collect()
 }
 

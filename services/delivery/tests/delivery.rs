@@ -11,9 +11,9 @@ use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
 use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{
-    BroadcastRequest, GetJobRequest, Job, JobStatus, LinkRichMenuRequest, ListDeadLettersRequest,
-    Recipients, ReplayDeadLettersRequest, SendRequest, UnlinkRichMenuRequest,
-    link_rich_menu_request, send_request,
+    BroadcastRequest, DeliveryOutcome, DeliveryOutcomeRecord, GetJobRequest, Job, JobStatus,
+    LinkRichMenuRequest, ListDeadLettersRequest, Recipients, ReplayDeadLettersRequest, SendRequest,
+    UnlinkRichMenuRequest, link_rich_menu_request, send_request,
 };
 use hibiki_runtime::Shutdown;
 use hibiki_testkit::{
@@ -219,6 +219,26 @@ async fn a_push_is_sent_once_with_its_retry_key_and_a_repeat_returns_the_same_jo
 
     let again = client.send(request).await.unwrap().into_inner();
     assert_eq!(again.job_id, job.job_id, "the idempotency key has its job");
+    // The outcome went out for analytics, with the call's trace.
+    let key = format!("{}:delivery:outcomes", mesh.env["HIBIKI_REDIS_PREFIX"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let outcomes = loop {
+        let found = hibiki_testkit::stream_fields(&mesh.env["HIBIKI_REDIS_URL"], &key, "o").await;
+        if !found.is_empty() || Instant::now() >= deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outcomes: Vec<DeliveryOutcomeRecord> = outcomes
+        .iter()
+        .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(outcomes[0].job_id, job.job_id);
+    assert_eq!(outcomes[0].tenant_id, ACME);
+    assert_eq!(outcomes[0].endpoint, "push");
+    assert_eq!(outcomes[0].outcome(), DeliveryOutcome::Accepted);
+    assert_eq!(outcomes[0].recipients, 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sent = mesh.sent();
     assert_eq!(sent.len(), 1, "sent once: {sent:?}");
