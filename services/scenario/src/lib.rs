@@ -1,6 +1,8 @@
 //! scenario: consumes the event log, matches tenants' scenario triggers, and runs their steps (tags, attributes, rich menu switches, messages, waits, branches) idempotently under (run, step), with durable timers in PostgreSQL.
 #![forbid(unsafe_code)]
 
+pub mod definition;
+
 use hibiki_runtime::app::{Skeleton, SkeletonSpec};
 use hibiki_runtime::{Needs, ServiceDefaults};
 
