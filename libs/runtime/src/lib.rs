@@ -9,6 +9,7 @@ pub mod app;
 pub mod auth;
 pub mod channels;
 pub mod config;
+pub mod error;
 pub mod eventlog;
 pub mod grpc;
 pub mod host;

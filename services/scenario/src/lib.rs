@@ -1,10 +1,26 @@
-//! scenario: consumes the event log, matches tenants' scenario triggers, and runs their steps (tags, attributes, rich menu switches, messages, waits, branches) idempotently under (run, step), with durable timers in PostgreSQL.
+//! scenario: consumes the event log, matches tenants' scenario triggers, and
+//! runs their steps (tags, attributes, rich menu switches, messages, waits,
+//! branches) idempotently under (run, step), with durable timers in
+//! PostgreSQL.
+//!
+//! Built so far: [`definition`] (YAML, checks), [`store`] (versions in
+//! PostgreSQL) and [`service`] (Apply, GetScenario, ListScenarios,
+//! ListVersions, Enable, Disable). The executor is next.
 #![forbid(unsafe_code)]
 
 pub mod definition;
+pub mod service;
+pub mod store;
 
-use hibiki_runtime::app::{Skeleton, SkeletonSpec};
-use hibiki_runtime::{Needs, ServiceDefaults};
+use std::net::SocketAddr;
+
+use hibiki_proto::scenario::v1::scenario_service_server::ScenarioServiceServer;
+use hibiki_runtime::app::Service;
+use hibiki_runtime::config::Reader;
+use hibiki_runtime::grpc::GrpcRoutes;
+use hibiki_runtime::{
+    ConfigError, Env, HostError, Needs, RuntimeConfig, ServiceDefaults, ServiceHost, Shutdown,
+};
 
 /// Name and default ports (gRPC 50053, metrics 9103).
 pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
@@ -16,17 +32,81 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
 /// The service's migrations (`migrations/`), applied into its own schema.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// What scenario is made of until its RPCs land.
-pub struct Spec;
+const NEEDS: Needs = Needs {
+    postgres: Some(("scenario", &MIGRATOR)),
+    redis: true,
+};
 
-impl SkeletonSpec for Spec {
-    const DEFAULTS: ServiceDefaults = DEFAULTS;
-    const NEEDS: Needs = Needs {
-        postgres: Some(("scenario", &MIGRATOR)),
-        redis: true,
-    };
+/// scenario's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Settings shared by every service.
+    pub runtime: RuntimeConfig,
+    /// `HIBIKI_CONTACTS_URL`: contacts' gRPC URL. Default
+    /// http://127.0.0.1:50052.
+    pub contacts_url: String,
 }
 
-/// The scenario service, built and ready to run: health, reflection and
-/// metrics, reporting on its stores.
-pub type Application = Skeleton<Spec>;
+impl Config {
+    /// Reads the settings from `env`.
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let r = Reader::new(env);
+        Ok(Self {
+            runtime: RuntimeConfig::from_env(env, DEFAULTS)?,
+            contacts_url: r.url(
+                "HIBIKI_CONTACTS_URL",
+                hibiki_runtime::channels::DEFAULT_CONTACTS_URL,
+                &["http", "https"],
+            )?,
+        })
+    }
+}
+
+/// The scenario service, built and ready to run.
+pub struct Application {
+    host: ServiceHost,
+    routes: GrpcRoutes,
+}
+
+impl Service for Application {
+    type Config = Config;
+
+    const DEFAULTS: ServiceDefaults = DEFAULTS;
+
+    fn config_from_env(env: &dyn Env) -> Result<Config, ConfigError> {
+        Config::from_env(env)
+    }
+
+    async fn build(config: Config) -> Result<Self, HostError> {
+        let token = config.runtime.auth.outbound_service_token().clone();
+        let host = ServiceHost::bind(config.runtime, NEEDS).await?;
+        let pool = host
+            .postgres()
+            .expect("scenario declares that it needs PostgreSQL")
+            .clone();
+        let tenants = hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient::with_interceptor(
+            hibiki_runtime::grpc::channel(&config.contacts_url)
+                .map_err(|e| HostError::Startup(format!("HIBIKI_CONTACTS_URL: {e}")))?,
+            hibiki_runtime::grpc::ClientInterceptor::new(&token)
+                .map_err(|e| HostError::Startup(format!("HIBIKI_SERVICE_TOKENS: {e}")))?,
+        );
+        let mut routes = GrpcRoutes::new();
+        routes.add(ScenarioServiceServer::new(service::ScenarioApi::new(
+            store::Scenarios::new(pool),
+            tenants,
+        )));
+        Ok(Self { host, routes })
+    }
+
+    fn grpc_addr(&self) -> SocketAddr {
+        self.host.grpc_addr()
+    }
+
+    fn metrics_addr(&self) -> SocketAddr {
+        self.host.metrics_addr()
+    }
+
+    async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
+        self.host.run(self.routes, shutdown).await
+    }
+}

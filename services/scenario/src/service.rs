@@ -1,0 +1,245 @@
+//! `ScenarioService`: definitions in (checked, versioned), definitions out.
+//! Runs, dry runs and manual starts arrive with the executor.
+
+use hibiki_proto::contacts::v1::GetTenantRequest;
+use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
+use hibiki_proto::scenario::v1::scenario_service_server::ScenarioService;
+use hibiki_proto::scenario::v1::{
+    ApplyRequest, DisableRequest, DryRunRequest, DryRunResponse, EnableRequest, GetRunRequest,
+    GetScenarioRequest, ListRunsRequest, ListRunsResponse, ListScenariosRequest,
+    ListScenariosResponse, ListVersionsRequest, ListVersionsResponse, Run, Scenario,
+    StartRunRequest, StartRunResponse, apply_request,
+};
+use hibiki_runtime::Caller;
+use hibiki_runtime::error::ServiceError;
+use hibiki_runtime::grpc::ClientInterceptor;
+use tonic::{Request, Response, Status};
+
+use crate::definition;
+use crate::store::Scenarios;
+
+/// contacts' tenant service, called with scenario's service token.
+pub type Tenants = TenantServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClientInterceptor>,
+>;
+
+/// The gRPC service.
+pub struct ScenarioApi {
+    scenarios: Scenarios,
+    tenants: Tenants,
+}
+
+impl ScenarioApi {
+    pub fn new(scenarios: Scenarios, tenants: Tenants) -> Self {
+        Self { scenarios, tenants }
+    }
+
+    /// NOT_FOUND unless contacts knows the tenant.
+    async fn require_tenant(&self, tenant_id: &str) -> Result<(), ServiceError> {
+        match self
+            .tenants
+            .clone()
+            .get_tenant(GetTenantRequest {
+                tenant_id: tenant_id.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(ServiceError::NotFound(format!("tenant {tenant_id:?}")))
+            }
+            Err(s) => Err(ServiceError::Unavailable(format!(
+                "contacts: {}",
+                s.message()
+            ))),
+        }
+    }
+}
+
+fn authorize<T>(request: &Request<T>, tenant_id: &str) -> Result<(), Status> {
+    if tenant_id.is_empty() {
+        return Err(Status::invalid_argument("tenant_id: must not be empty"));
+    }
+    Caller::of(request)?.authorize_tenant(tenant_id)
+}
+
+fn require_id(scenario_id: &str) -> Result<(), Status> {
+    if scenario_id.is_empty() {
+        return Err(Status::invalid_argument("scenario_id: must not be empty"));
+    }
+    Ok(())
+}
+
+fn encode_token(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// What the executor brings, answered plainly until it lands.
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} arrives with the scenario executor, which is not built yet"
+    ))
+}
+
+#[tonic::async_trait]
+impl ScenarioService for ScenarioApi {
+    async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<Scenario>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        let (definition, yaml) = match &r.source {
+            None => {
+                return Err(Status::invalid_argument(
+                    "source: a definition or its YAML must be set",
+                ));
+            }
+            Some(apply_request::Source::Definition(d)) => (d.clone(), String::new()),
+            Some(apply_request::Source::Yaml(text)) => (
+                definition::from_yaml(text)
+                    .map_err(|e| Status::invalid_argument(format!("yaml: {e}")))?,
+                text.clone(),
+            ),
+        };
+        definition::check(&definition).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.require_tenant(&r.tenant_id).await?;
+        let scenario = self
+            .scenarios
+            .apply(&r.tenant_id, &definition, &yaml, !r.start_disabled)
+            .await?;
+        tracing::info!(tenant = %r.tenant_id, scenario = %scenario.scenario_id, version = scenario.version, "scenario applied");
+        Ok(Response::new(scenario))
+    }
+
+    async fn get_scenario(
+        &self,
+        request: Request<GetScenarioRequest>,
+    ) -> Result<Response<Scenario>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        require_id(&r.scenario_id)?;
+        Ok(Response::new(
+            self.scenarios
+                .get(&r.tenant_id, &r.scenario_id, r.version.max(0))
+                .await?,
+        ))
+    }
+
+    async fn list_scenarios(
+        &self,
+        request: Request<ListScenariosRequest>,
+    ) -> Result<Response<ListScenariosResponse>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        let (size, token) = r
+            .page
+            .as_ref()
+            .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+        let size = match size {
+            0 => 100,
+            n => n.min(1000),
+        } as i64;
+        let after = if token.is_empty() {
+            String::new()
+        } else {
+            decode_token(token).ok_or_else(|| {
+                Status::invalid_argument("page.page_token: not a token issued by this listing")
+            })?
+        };
+        let mut scenarios = self.scenarios.list(&r.tenant_id, &after, size + 1).await?;
+        let next = if scenarios.len() as i64 > size {
+            scenarios.truncate(size as usize);
+            scenarios
+                .last()
+                .and_then(|s| s.definition.as_ref())
+                .map(|d| encode_token(&d.name))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListScenariosResponse {
+            scenarios,
+            page: Some(hibiki_proto::common::v1::PageResponse {
+                next_page_token: next,
+            }),
+        }))
+    }
+
+    async fn list_versions(
+        &self,
+        request: Request<ListVersionsRequest>,
+    ) -> Result<Response<ListVersionsResponse>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        require_id(&r.scenario_id)?;
+        Ok(Response::new(ListVersionsResponse {
+            versions: self
+                .scenarios
+                .versions(&r.tenant_id, &r.scenario_id)
+                .await?,
+        }))
+    }
+
+    async fn disable(
+        &self,
+        request: Request<DisableRequest>,
+    ) -> Result<Response<Scenario>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        require_id(&r.scenario_id)?;
+        Ok(Response::new(
+            self.scenarios
+                .set_enabled(&r.tenant_id, &r.scenario_id, false)
+                .await?,
+        ))
+    }
+
+    async fn enable(&self, request: Request<EnableRequest>) -> Result<Response<Scenario>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        require_id(&r.scenario_id)?;
+        Ok(Response::new(
+            self.scenarios
+                .set_enabled(&r.tenant_id, &r.scenario_id, true)
+                .await?,
+        ))
+    }
+
+    async fn dry_run(
+        &self,
+        request: Request<DryRunRequest>,
+    ) -> Result<Response<DryRunResponse>, Status> {
+        authorize(&request, &request.get_ref().tenant_id)?;
+        Err(not_yet("DryRun"))
+    }
+
+    async fn start_run(
+        &self,
+        request: Request<StartRunRequest>,
+    ) -> Result<Response<StartRunResponse>, Status> {
+        authorize(&request, &request.get_ref().tenant_id)?;
+        Err(not_yet("StartRun"))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        authorize(&request, &request.get_ref().tenant_id)?;
+        Err(not_yet("ListRuns"))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        authorize(&request, &request.get_ref().tenant_id)?;
+        Err(not_yet("GetRun"))
+    }
+}
