@@ -155,6 +155,10 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
         ),
         Err(e) => println!("\n  demo tenant not seeded: {e}"),
     }
+    match seed_scenarios(&running[2], shared).await {
+        Ok(names) => println!("  demo scenarios (examples/): {}", names.join(", ")),
+        Err(e) => println!("  demo scenarios not applied: {e}"),
+    }
     println!("\nhibiki dev: ready");
 
     let mut failed = None;
@@ -271,6 +275,38 @@ async fn seed_demo(contacts: &Running, shared: &RuntimeConfig) -> Result<(), Str
             .await
             .map(|_| ()),
     )
+}
+
+/// The examples under `examples/`, applied to the demo tenant.
+const DEMO_SCENARIOS: [&str; 3] = [
+    include_str!("../../../examples/spring-campaign.yaml"),
+    include_str!("../../../examples/welcome-sequence.yaml"),
+    include_str!("../../../examples/keyword-reply.yaml"),
+];
+
+/// Applies the example scenarios to the demo tenant (an unchanged one keeps
+/// its version); returns their names.
+async fn seed_scenarios(scenario: &Running, shared: &RuntimeConfig) -> Result<Vec<String>, String> {
+    use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
+    use hibiki_proto::scenario::v1::{ApplyRequest, apply_request};
+    let channel = grpc::channel(&format!("http://{}", scenario.grpc)).map_err(|e| e.to_string())?;
+    let interceptor = grpc::ClientInterceptor::new(shared.auth.outbound_service_token())
+        .map_err(|e| e.to_string())?;
+    let mut client = ScenarioServiceClient::with_interceptor(channel, interceptor);
+    let mut names = Vec::new();
+    for yaml in DEMO_SCENARIOS {
+        let applied = client
+            .apply(ApplyRequest {
+                tenant_id: DEMO_TENANT.into(),
+                source: Some(apply_request::Source::Yaml(yaml.into())),
+                start_disabled: false,
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        names.push(applied.definition.map(|d| d.name).unwrap_or_default());
+    }
+    Ok(names)
 }
 
 /// Builds service `S` on the `index`-th ports and runs it in the background.

@@ -4,11 +4,14 @@
 //!   talking real gRPC over loopback, against the local PostgreSQL and Redis.
 //! - `hibiki import contacts.csv --tenant T` streams a CSV into contacts.
 //! - `hibiki dlq list|replay --tenant T` shows and replays dead letters.
+//! - `hibiki scenario apply -f F --tenant T` applies a scenario; `list`,
+//!   `versions`, `enable`, `disable`.
 #![forbid(unsafe_code)]
 
 mod dev;
 mod dlq;
 mod import;
+mod scenario;
 
 use std::process::ExitCode;
 
@@ -30,6 +33,8 @@ enum Command {
     Import(import::ImportArgs),
     /// Dead letters: LINE calls that failed for good (list, replay).
     Dlq(dlq::DlqArgs),
+    /// Scenarios: apply YAML definitions, list, enable, disable.
+    Scenario(scenario::ScenarioArgs),
 }
 
 /// The services' allocator, also when `hibiki dev` runs them in-process.
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Import(args) => import::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::Scenario(args) => scenario::run(args).await,
         }
     })
 }

@@ -75,6 +75,12 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         printed.contains("demo tenant \"demo\": channel 1000000001"),
         "the demo tenant is seeded:\n{printed}"
     );
+    assert!(
+        printed.contains(
+            "demo scenarios (examples/): spring campaign, welcome sequence, opening hours reply"
+        ),
+        "the example scenarios are applied:\n{printed}"
+    );
     for (i, name) in SERVICES.iter().enumerate() {
         let url = format!("http://127.0.0.1:{}", grpc_base + i as u16);
         assert!(
