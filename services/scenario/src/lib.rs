@@ -4,11 +4,15 @@
 //! PostgreSQL.
 //!
 //! Built so far: [`definition`] (YAML, checks), [`store`] (versions in
-//! PostgreSQL) and [`service`] (Apply, GetScenario, ListScenarios,
-//! ListVersions, Enable, Disable). The executor is next.
+//! PostgreSQL), [`service`] (Apply, GetScenario, ListScenarios,
+//! ListVersions, Enable, Disable), and the pieces the executor will use:
+//! [`matching`] (which events start a scenario) and [`conditions`] (branch
+//! conditions on a contact). The executor is next.
 #![forbid(unsafe_code)]
 
+pub mod conditions;
 pub mod definition;
+pub mod matching;
 pub mod service;
 pub mod store;
 
