@@ -12,7 +12,10 @@
 
 pub mod conditions;
 pub mod definition;
+pub mod executor;
 pub mod matching;
+pub mod program;
+pub mod runs;
 pub mod service;
 pub mod store;
 
@@ -49,6 +52,15 @@ pub struct Config {
     /// `HIBIKI_CONTACTS_URL`: contacts' gRPC URL. Default
     /// http://127.0.0.1:50052.
     pub contacts_url: String,
+    /// `HIBIKI_DELIVERY_URL`: delivery's gRPC URL. Default
+    /// http://127.0.0.1:50054.
+    pub delivery_url: String,
+    /// The event log it consumes (`HIBIKI_EVENTLOG_*`, as the gateway).
+    pub eventlog: hibiki_runtime::eventlog::EventLogConfig,
+    /// `HIBIKI_SCENARIO_LEASE_MS`: how long an executor holds a run it
+    /// works on; a run of an executor that stopped is taken up after it.
+    /// Default 30,000.
+    pub lease: std::time::Duration,
 }
 
 impl Config {
@@ -62,6 +74,16 @@ impl Config {
                 hibiki_runtime::channels::DEFAULT_CONTACTS_URL,
                 &["http", "https"],
             )?,
+            delivery_url: r.url(
+                "HIBIKI_DELIVERY_URL",
+                "http://127.0.0.1:50054",
+                &["http", "https"],
+            )?,
+            eventlog: hibiki_runtime::eventlog::EventLogConfig::from_env(env)?,
+            lease: r.millis(
+                "HIBIKI_SCENARIO_LEASE_MS",
+                std::time::Duration::from_secs(30),
+            )?,
         })
     }
 }
@@ -70,6 +92,9 @@ impl Config {
 pub struct Application {
     host: ServiceHost,
     routes: GrpcRoutes,
+    executor: std::sync::Arc<executor::Executor>,
+    log: hibiki_runtime::eventlog::EventLog,
+    migrated: hibiki_runtime::Migrated,
 }
 
 impl Service for Application {
@@ -88,18 +113,48 @@ impl Service for Application {
             .postgres()
             .expect("scenario declares that it needs PostgreSQL")
             .clone();
-        let tenants = hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient::with_interceptor(
-            hibiki_runtime::grpc::channel(&config.contacts_url)
-                .map_err(|e| HostError::Startup(format!("HIBIKI_CONTACTS_URL: {e}")))?,
-            hibiki_runtime::grpc::ClientInterceptor::new(&token)
-                .map_err(|e| HostError::Startup(format!("HIBIKI_SERVICE_TOKENS: {e}")))?,
-        );
+        let redis = host
+            .redis()
+            .expect("scenario declares that it needs Redis")
+            .clone();
+        let interceptor = hibiki_runtime::grpc::ClientInterceptor::new(&token)
+            .map_err(|e| HostError::Startup(format!("HIBIKI_SERVICE_TOKENS: {e}")))?;
+        let contacts = hibiki_runtime::grpc::channel(&config.contacts_url)
+            .map_err(|e| HostError::Startup(format!("HIBIKI_CONTACTS_URL: {e}")))?;
+        let delivery = hibiki_runtime::grpc::channel(&config.delivery_url)
+            .map_err(|e| HostError::Startup(format!("HIBIKI_DELIVERY_URL: {e}")))?;
+        let peers = executor::Peers {
+            contacts: hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient::with_interceptor(
+                contacts.clone(),
+                interceptor.clone(),
+            ),
+            tenants: hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient::with_interceptor(
+                contacts,
+                interceptor.clone(),
+            ),
+            delivery: hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient::with_interceptor(
+                delivery,
+                interceptor,
+            ),
+        };
+        let scenarios = store::Scenarios::new(pool.clone());
+        let runs = runs::Runs::new(pool, config.lease);
         let mut routes = GrpcRoutes::new();
         routes.add(ScenarioServiceServer::new(service::ScenarioApi::new(
-            store::Scenarios::new(pool),
-            tenants,
+            scenarios.clone(),
+            runs.clone(),
+            peers.tenants.clone(),
         )));
-        Ok(Self { host, routes })
+        let executor = executor::Executor::new(scenarios, runs, peers);
+        let log = hibiki_runtime::eventlog::EventLog::from_config(redis, &config.eventlog);
+        let migrated = host.migrated();
+        Ok(Self {
+            host,
+            routes,
+            executor,
+            log,
+            migrated,
+        })
     }
 
     fn grpc_addr(&self) -> SocketAddr {
@@ -111,6 +166,21 @@ impl Service for Application {
     }
 
     async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), HostError> {
-        self.host.run(self.routes, shutdown).await
+        let tasks = shutdown.child();
+        let (executor, log, migrated, stop) =
+            (self.executor, self.log, self.migrated, tasks.clone());
+        let started = tokio::spawn(async move {
+            // Runs live in PostgreSQL: wait for the schema.
+            migrated.wait().await;
+            executor.start(log, stop)
+        });
+        let result = self.host.run(self.routes, shutdown).await;
+        tasks.trigger();
+        if let Ok(handles) = started.await {
+            for h in handles {
+                let _ = h.await;
+            }
+        }
+        result
     }
 }

@@ -1,5 +1,6 @@
-//! `ScenarioService`: definitions in (checked, versioned), definitions out.
-//! Runs, dry runs and manual starts arrive with the executor.
+//! `ScenarioService`: definitions in (checked, versioned), definitions out;
+//! runs of a contact or a scenario. Dry runs and manual starts are not built
+//! yet.
 
 use hibiki_proto::contacts::v1::GetTenantRequest;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
@@ -16,6 +17,7 @@ use hibiki_runtime::grpc::ClientInterceptor;
 use tonic::{Request, Response, Status};
 
 use crate::definition;
+use crate::runs::Runs;
 use crate::store::Scenarios;
 
 /// contacts' tenant service, called with scenario's service token.
@@ -26,12 +28,17 @@ pub type Tenants = TenantServiceClient<
 /// The gRPC service.
 pub struct ScenarioApi {
     scenarios: Scenarios,
+    runs: Runs,
     tenants: Tenants,
 }
 
 impl ScenarioApi {
-    pub fn new(scenarios: Scenarios, tenants: Tenants) -> Self {
-        Self { scenarios, tenants }
+    pub fn new(scenarios: Scenarios, runs: Runs, tenants: Tenants) -> Self {
+        Self {
+            scenarios,
+            runs,
+            tenants,
+        }
     }
 
     /// NOT_FOUND unless contacts knows the tenant.
@@ -85,10 +92,14 @@ fn decode_token(token: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-/// What the executor brings, answered plainly until it lands.
+fn bad_token() -> Status {
+    Status::invalid_argument("page.page_token: not a token issued by this listing")
+}
+
+/// What the executor does not do yet, answered plainly.
 fn not_yet(what: &str) -> Status {
     Status::unimplemented(format!(
-        "{what} arrives with the scenario executor, which is not built yet"
+        "{what} is not built yet (the executor runs webhook-triggered scenarios only)"
     ))
 }
 
@@ -234,12 +245,63 @@ impl ScenarioService for ScenarioApi {
         &self,
         request: Request<ListRunsRequest>,
     ) -> Result<Response<ListRunsResponse>, Status> {
-        authorize(&request, &request.get_ref().tenant_id)?;
-        Err(not_yet("ListRuns"))
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        let (user, scenario) = (
+            (!r.line_user_id.is_empty()).then_some(r.line_user_id.as_str()),
+            (!r.scenario_id.is_empty()).then_some(r.scenario_id.as_str()),
+        );
+        if user.is_some() == scenario.is_some() {
+            return Err(Status::invalid_argument(
+                "line_user_id, scenario_id: exactly one must be set",
+            ));
+        }
+        let (size, token) = r
+            .page
+            .as_ref()
+            .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
+        let size = match size {
+            0 => 100,
+            n => n.min(1000),
+        } as i64;
+        let before = if token.is_empty() {
+            None
+        } else {
+            let text = decode_token(token).ok_or_else(bad_token)?;
+            let (micros, id) = text.split_once(':').ok_or_else(bad_token)?;
+            let at = micros
+                .parse()
+                .ok()
+                .and_then(chrono::DateTime::from_timestamp_micros)
+                .ok_or_else(bad_token)?;
+            Some((at, id.to_owned()))
+        };
+        let mut rows = self
+            .runs
+            .list(&r.tenant_id, user, scenario, before, size + 1)
+            .await?;
+        let next = if rows.len() as i64 > size {
+            rows.truncate(size as usize);
+            rows.last()
+                .map(|r| encode_token(&format!("{}:{}", r.started_at.timestamp_micros(), r.run_id)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListRunsResponse {
+            runs: rows.iter().map(|r| r.to_proto()).collect(),
+            page: Some(hibiki_proto::common::v1::PageResponse {
+                next_page_token: next,
+            }),
+        }))
     }
 
     async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
-        authorize(&request, &request.get_ref().tenant_id)?;
-        Err(not_yet("GetRun"))
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        if r.run_id.is_empty() {
+            return Err(Status::invalid_argument("run_id: must not be empty"));
+        }
+        Ok(Response::new(self.runs.get(&r.tenant_id, &r.run_id).await?))
     }
 }

@@ -217,6 +217,18 @@ impl Scenarios {
         rows.into_iter().map(Row::into_proto).collect()
     }
 
+    /// A tenant's enabled scenarios at their current versions.
+    pub async fn enabled(&self, tenant_id: &str) -> Result<Vec<Scenario>> {
+        let rows: Vec<Row> = sqlx::query_as(select!(
+            "WHERE s.tenant_id = $1 AND s.enabled AND v.version = s.current_version
+              ORDER BY s.name"
+        ))
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Row::into_proto).collect()
+    }
+
     /// Every version of a scenario, newest first.
     pub async fn versions(&self, tenant_id: &str, scenario_id: &str) -> Result<Vec<Scenario>> {
         let rows: Vec<Row> = sqlx::query_as(select!(

@@ -330,6 +330,10 @@ async fn launch<S: Service>(
             "HIBIKI_CONTACTS_URL",
             format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 1)),
         )
+        .set(
+            "HIBIKI_DELIVERY_URL",
+            format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 3)),
+        )
         // delivery calls line-sim, not LINE.
         .set("HIBIKI_LINE_API_URL", line_api_url);
     let config = S::config_from_env(&env)?;

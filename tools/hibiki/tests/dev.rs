@@ -195,6 +195,31 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         "every storm webhook is accepted: {report}"
     );
 
+    // The taps went all the way: gateway, event log, scenario (the spring
+    // campaign), contacts, delivery, line-sim. Every third storm user
+    // tapped the campaign's postback and got the campaign menu, once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let changes: serde_json::Value = http
+            .get(format!("{admin}/ledger/rich-menus?limit=1000"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let n = changes["changes"].as_array().map_or(0, Vec::len);
+        if n >= 66 {
+            assert_eq!(n, 66, "each tapping user's menu switched once: {changes}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {n} of 66 menus switched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // delivery sends through line-sim: a push for the demo channel lands in
     // line-sim's ledger.
     let delivery = format!("http://127.0.0.1:{}", grpc_base + 3);
@@ -208,7 +233,7 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
             channel_id: "1000000001".into(),
             idempotency_key: hibiki_testkit::random_id(),
             target: Some(hibiki_proto::delivery::v1::send_request::Target::PushTo(
-                format!("U{:032x}", 42),
+                format!("U{:032x}", 1_000_042),
             )),
             messages_json: vec![r#"{"type":"text","text":"welcome"}"#.into()],
             ..Default::default()
@@ -219,7 +244,10 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let ledger: serde_json::Value = http
-            .get(format!("{admin}/ledger/messages?recipient=U{:032x}", 42))
+            .get(format!(
+                "{admin}/ledger/messages?recipient=U{:032x}",
+                1_000_042
+            ))
             .send()
             .await
             .unwrap()

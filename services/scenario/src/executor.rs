@@ -1,0 +1,686 @@
+//! The executor: reads the event log, applies each batch to contacts, starts
+//! the runs whose triggers match, and walks each run's steps; a timer loop
+//! continues waiting runs when they are due and takes over runs an executor
+//! left behind.
+//!
+//! - **Order.** A batch from the log is handled event by event, each run
+//!   walked to its first wait or its end before the next event: what a
+//!   scenario did is visible to the user's next event. The batch is
+//!   acknowledged after, so a crash replays it.
+//! - **Once.** A run starts at most once per triggering event (a unique
+//!   index), and every contacts or delivery call of a step carries
+//!   `<run>:<step>` as its idempotency key: a replayed step changes nothing
+//!   and sends nothing twice.
+//! - **Steps:** tags, attributes and branch conditions through contacts;
+//!   rich menus and messages through delivery (a reply while the event's
+//!   reply token is fresh, falling back to a push; a push otherwise); waits
+//!   as durable timers; stop.
+//! - **Failures.** A step whose call is refused for good (INVALID_ARGUMENT,
+//!   NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED) fails the run with
+//!   the reason. Anything else leaves the run where it stands, and the timer
+//!   loop takes it up again when its lease has passed.
+//!
+//! Not yet: segment entered / exited triggers, `in_segment` conditions (a
+//! run reaching one fails, saying so), quiet hours, manual starts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hibiki_proto::common::v1::{ContactRef, InboundEvent, inbound_event::Payload};
+use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
+use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
+use hibiki_proto::contacts::v1::{
+    AddTagsRequest, ApplyEventsRequest, GetContactRequest, GetTenantRequest, RemoveTagsRequest,
+    SetAttributesRequest,
+};
+use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
+use hibiki_proto::delivery::v1::{
+    LinkRichMenuRequest, SendRequest, link_rich_menu_request, send_request,
+};
+use hibiki_proto::scenario::v1::{
+    ReentryPolicy, condition, step, switch_rich_menu_action, wait_action,
+};
+use hibiki_runtime::Shutdown;
+use hibiki_runtime::eventlog::{Consumer, ConsumerConfig, EventLog};
+use hibiki_runtime::grpc::ClientInterceptor;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::conditions;
+use crate::matching::Matcher;
+use crate::program::{Op, Program};
+use crate::runs::{NewRun, Resume, RunRow, Runs, Started};
+use crate::store::Scenarios;
+
+type Intercepted =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClientInterceptor>;
+
+/// How long a reply token is used after its event (LINE's tokens are
+/// short-lived; a later send pushes instead).
+const REPLY_WINDOW: Duration = Duration::from_secs(50);
+/// How long the enabled scenarios of a tenant are cached: an apply, enable
+/// or disable takes effect within this.
+const SCENARIO_CACHE: Duration = Duration::from_secs(1);
+
+/// The peers the executor calls.
+#[derive(Clone)]
+pub struct Peers {
+    pub contacts: ContactServiceClient<Intercepted>,
+    pub tenants: TenantServiceClient<Intercepted>,
+    pub delivery: DeliveryServiceClient<Intercepted>,
+}
+
+/// An enabled scenario at its current version.
+struct Active {
+    scenario_id: String,
+    version: i64,
+    matcher: Matcher,
+    reentry: ReentryPolicy,
+}
+
+/// A tenant's enabled scenarios and when they were read.
+type Cached = (Instant, Arc<Vec<Active>>);
+
+/// The executor of one replica.
+pub struct Executor {
+    scenarios: Scenarios,
+    runs: Runs,
+    peers: Peers,
+    active: Mutex<HashMap<String, Cached>>,
+    programs: Mutex<HashMap<(String, i64), Arc<Program>>>,
+    zones: Mutex<HashMap<String, String>>,
+}
+
+/// Why a step did not complete.
+enum StepError {
+    /// Refused for good: the run fails with this.
+    Permanent(String),
+    /// Try again later (the run keeps its place).
+    Transient(String),
+}
+
+impl From<tonic::Status> for StepError {
+    fn from(s: tonic::Status) -> Self {
+        let text = format!("{:?}: {}", s.code(), s.message());
+        match s.code() {
+            tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied => StepError::Permanent(text),
+            _ => StepError::Transient(text),
+        }
+    }
+}
+
+impl From<hibiki_runtime::error::ServiceError> for StepError {
+    fn from(e: hibiki_runtime::error::ServiceError) -> Self {
+        StepError::Transient(e.to_string())
+    }
+}
+
+/// A run id derived from what started it, so a replay finds the same run.
+fn run_id(tenant_id: &str, scenario_id: &str, event_id: &str) -> String {
+    let mut h = Sha256::new();
+    for p in [tenant_id, scenario_id, event_id] {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    let d = h.finalize();
+    format!(
+        "run_{}",
+        d[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+fn user_of(event: &InboundEvent) -> Option<&str> {
+    event
+        .source
+        .as_ref()
+        .map(|s| s.user_id.as_str())
+        .filter(|u| !u.is_empty())
+}
+
+impl Executor {
+    pub fn new(scenarios: Scenarios, runs: Runs, peers: Peers) -> Arc<Self> {
+        Arc::new(Self {
+            scenarios,
+            runs,
+            peers,
+            active: Mutex::default(),
+            programs: Mutex::default(),
+            zones: Mutex::default(),
+        })
+    }
+
+    /// Runs the log consumer and the timer loop until `shutdown`.
+    pub fn start(
+        self: &Arc<Self>,
+        log: EventLog,
+        shutdown: Shutdown,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().consume(log, shutdown.clone())),
+            tokio::spawn(self.clone().timers(shutdown)),
+        ]
+    }
+
+    async fn consume(self: Arc<Self>, log: EventLog, shutdown: Shutdown) {
+        let consumer = Consumer::start(log, ConsumerConfig::new("scenario"));
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => break,
+                batch = consumer.next() => batch,
+            };
+            let deliveries = match batch {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event log unreadable; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            if deliveries.is_empty() {
+                continue;
+            }
+            let events: Vec<InboundEvent> = deliveries
+                .iter()
+                .filter_map(|d| match InboundEvent::decode(d.payload.as_slice()) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::error!(entry = %d.id, error = %e, "undecodable event skipped");
+                        None
+                    }
+                })
+                .collect();
+            // Until contacts has taken the batch, nothing else happens: the
+            // batch is retried, then acknowledged.
+            let mut wait = Duration::from_millis(100);
+            while let Err(e) = self.handle(&events).await {
+                if shutdown.is_triggered() {
+                    consumer.stop().await;
+                    return;
+                }
+                tracing::warn!(error = %e, "events not applied; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            if let Err(e) = consumer.ack(&deliveries).await {
+                // Not acknowledged: they come again, and change nothing twice.
+                tracing::warn!(error = %e, "events not acknowledged");
+            }
+        }
+        consumer.stop().await;
+    }
+
+    /// Applies a batch to contacts, then starts and walks the runs it
+    /// triggers, event by event.
+    pub async fn handle(&self, events: &[InboundEvent]) -> Result<(), String> {
+        // ApplyEvents takes one tenant's events at a time, up to 500.
+        let mut i = 0;
+        while i < events.len() {
+            let tenant = &events[i].tenant_id;
+            let mut j = i;
+            while j < events.len() && events[j].tenant_id == *tenant && j - i < 500 {
+                j += 1;
+            }
+            let applied = self
+                .peers
+                .contacts
+                .clone()
+                .apply_events(ApplyEventsRequest {
+                    tenant_id: tenant.clone(),
+                    events: events[i..j].to_vec(),
+                })
+                .await;
+            let refused = match applied {
+                Ok(_) => Vec::new(),
+                // One event contacts will never take (a malformed user id,
+                // say) must not hold up the others: apply them one by one
+                // and leave out the refused ones.
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    self.apply_one_by_one(&events[i..j]).await?
+                }
+                Err(s) => return Err(format!("contacts ApplyEvents: {}", s.message())),
+            };
+            for (k, event) in events[i..j].iter().enumerate() {
+                if refused.contains(&k) {
+                    continue;
+                }
+                self.trigger(event).await.map_err(|e| e.to_string())?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Applies events one at a time; returns the positions of those
+    /// contacts refused for good (logged and counted, then left out).
+    async fn apply_one_by_one(&self, events: &[InboundEvent]) -> Result<Vec<usize>, String> {
+        let mut refused = Vec::new();
+        for (k, event) in events.iter().enumerate() {
+            match self
+                .peers
+                .contacts
+                .clone()
+                .apply_events(ApplyEventsRequest {
+                    tenant_id: event.tenant_id.clone(),
+                    events: vec![event.clone()],
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    tracing::error!(
+                        tenant = %event.tenant_id, event = %event.webhook_event_id, error = %s.message(),
+                        "event refused by contacts; it starts no scenario"
+                    );
+                    metrics::counter!("hibiki_scenario_events_refused_total").increment(1);
+                    refused.push(k);
+                }
+                Err(s) => return Err(format!("contacts ApplyEvents: {}", s.message())),
+            }
+        }
+        Ok(refused)
+    }
+
+    /// The enabled scenarios of a tenant (cached briefly).
+    async fn active(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Arc<Vec<Active>>, hibiki_runtime::error::ServiceError> {
+        if let Some((at, list)) = self.active.lock().expect("cache").get(tenant_id)
+            && at.elapsed() < SCENARIO_CACHE
+        {
+            return Ok(list.clone());
+        }
+        let mut list = Vec::new();
+        for s in self.scenarios.enabled(tenant_id).await? {
+            let Some(definition) = s.definition.as_ref() else {
+                continue;
+            };
+            match Matcher::new(definition) {
+                Ok(matcher) => list.push(Active {
+                    scenario_id: s.scenario_id.clone(),
+                    version: s.version,
+                    matcher,
+                    reentry: definition
+                        .options
+                        .as_ref()
+                        .map(|o| o.reentry())
+                        .unwrap_or_default(),
+                }),
+                Err(e) => {
+                    tracing::error!(scenario = %s.scenario_id, error = %e, "scenario skipped")
+                }
+            }
+        }
+        let list = Arc::new(list);
+        self.active
+            .lock()
+            .expect("cache")
+            .insert(tenant_id.to_owned(), (Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    /// Starts the runs `event` triggers and walks them.
+    async fn trigger(
+        &self,
+        event: &InboundEvent,
+    ) -> Result<(), hibiki_runtime::error::ServiceError> {
+        let Some(user) = user_of(event) else {
+            return Ok(());
+        };
+        let active = self.active(&event.tenant_id).await?;
+        for a in active.iter().filter(|a| a.matcher.matches(event)) {
+            let reply_token = match &event.payload {
+                Some(Payload::Message(_) | Payload::Follow(_) | Payload::Postback(_)) => {
+                    event.reply_token.clone()
+                }
+                _ => String::new(),
+            };
+            let received = hibiki_runtime::timestamp::from_millis(event.timestamp_ms)
+                .unwrap_or_else(chrono::Utc::now);
+            let new = NewRun {
+                tenant_id: event.tenant_id.clone(),
+                run_id: run_id(&event.tenant_id, &a.scenario_id, &event.webhook_event_id),
+                scenario_id: a.scenario_id.clone(),
+                version: a.version,
+                line_user_id: user.to_owned(),
+                channel_id: event.channel_id.clone(),
+                trigger_event_id: event.webhook_event_id.clone(),
+                reply_until: (!reply_token.is_empty()).then(|| {
+                    received + chrono::Duration::from_std(REPLY_WINDOW).expect("a short window")
+                }),
+                reply_token,
+                traceparent: event
+                    .trace
+                    .as_ref()
+                    .map(|t| t.traceparent.clone())
+                    .unwrap_or_default(),
+            };
+            let run = match self.runs.start(&new, a.reentry).await? {
+                Started::New(run) => run,
+                // A redelivered event: continue its run if nobody holds it.
+                Started::Before(run) => match self.runs.claim(&run.tenant_id, &run.run_id).await? {
+                    Some(run) => run,
+                    None => continue,
+                },
+                Started::Skipped(why) => {
+                    tracing::debug!(scenario = %a.scenario_id, user, why, "run not started");
+                    continue;
+                }
+            };
+            self.walk(run).await;
+        }
+        Ok(())
+    }
+
+    async fn timers(self: Arc<Self>, shutdown: Shutdown) {
+        loop {
+            match self.runs.claim_due(50).await {
+                Ok(runs) if !runs.is_empty() => {
+                    for run in runs {
+                        self.walk(run).await;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "due runs not claimed; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// The compiled program of a scenario version.
+    async fn program(
+        &self,
+        run: &RunRow,
+    ) -> Result<Arc<Program>, hibiki_runtime::error::ServiceError> {
+        let key = (run.scenario_id.clone(), run.version);
+        if let Some(p) = self.programs.lock().expect("programs").get(&key) {
+            return Ok(p.clone());
+        }
+        let scenario = self
+            .scenarios
+            .get(&run.tenant_id, &run.scenario_id, run.version)
+            .await?;
+        let program = Arc::new(Program::compile(&scenario.definition.unwrap_or_default()));
+        self.programs
+            .lock()
+            .expect("programs")
+            .insert(key, program.clone());
+        Ok(program)
+    }
+
+    /// Walks a claimed run from its counter to its first wait or its end.
+    async fn walk(&self, mut run: RunRow) {
+        let program = match self.program(&run).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(run = %run.run_id, error = %e, "run's program not loaded; it is taken up again later");
+                return;
+            }
+        };
+        let mut pc = run.pc.max(0) as usize;
+        loop {
+            let Some(op) = program.ops.get(pc) else {
+                self.end(&run, "completed", "").await;
+                return;
+            };
+            let result = match op {
+                Op::Jump(to) => {
+                    pc = *to;
+                    continue;
+                }
+                Op::Branch {
+                    step_id,
+                    condition,
+                    otherwise,
+                } => match self.branch(&run, condition).await {
+                    Ok(holds) => {
+                        let next = if holds { pc + 1 } else { *otherwise };
+                        let detail = if holds {
+                            "condition held"
+                        } else {
+                            "condition did not hold"
+                        };
+                        self.runs
+                            .step_done(&run, next, step_id, detail, false)
+                            .await
+                            .map(|()| Some(next))
+                            .map_err(StepError::from)
+                    }
+                    Err(e) => Err(e),
+                },
+                Op::Step(s) => self.step(&mut run, pc, s).await,
+            };
+            match result {
+                Ok(Some(next)) => pc = next,
+                Ok(None) => return,
+                Err(StepError::Permanent(why)) => {
+                    self.end(&run, "failed", &why).await;
+                    return;
+                }
+                Err(StepError::Transient(why)) => {
+                    tracing::warn!(run = %run.run_id, error = %why, "step not done; the run is taken up again when its lease has passed");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn end(&self, run: &RunRow, status: &str, error: &str) {
+        if let Err(e) = self.runs.finish(run, status, error).await {
+            tracing::warn!(run = %run.run_id, error = %e, "run end not recorded; it is taken up again later");
+        }
+    }
+
+    fn contact(run: &RunRow) -> Option<ContactRef> {
+        Some(ContactRef {
+            tenant_id: run.tenant_id.clone(),
+            line_user_id: run.line_user_id.clone(),
+        })
+    }
+
+    async fn branch(
+        &self,
+        run: &RunRow,
+        c: &hibiki_proto::scenario::v1::Condition,
+    ) -> Result<bool, StepError> {
+        if uses_segments(c) {
+            return Err(StepError::Permanent(
+                "in_segment conditions are not evaluated yet".into(),
+            ));
+        }
+        let contact = self
+            .peers
+            .contacts
+            .clone()
+            .get_contact(GetContactRequest {
+                contact: Self::contact(run),
+            })
+            .await?
+            .into_inner();
+        Ok(conditions::holds(c, &contact, &Default::default()))
+    }
+
+    /// Runs one step; the next counter, or `None` when the run parked or
+    /// ended.
+    async fn step(
+        &self,
+        run: &mut RunRow,
+        pc: usize,
+        s: &hibiki_proto::scenario::v1::Step,
+    ) -> Result<Option<usize>, StepError> {
+        let key = format!("{}:{}", run.run_id, s.id);
+        let mut reply_used = false;
+        let detail = match &s.action {
+            None => return Err(StepError::Permanent(format!("step {} has no action", s.id))),
+            Some(step::Action::AddTags(t)) => {
+                self.peers
+                    .contacts
+                    .clone()
+                    .add_tags(AddTagsRequest {
+                        contact: Self::contact(run),
+                        tags: t.tags.clone(),
+                        idempotency_key: key,
+                    })
+                    .await?;
+                format!("tags added: {}", t.tags.join(", "))
+            }
+            Some(step::Action::RemoveTags(t)) => {
+                self.peers
+                    .contacts
+                    .clone()
+                    .remove_tags(RemoveTagsRequest {
+                        contact: Self::contact(run),
+                        tags: t.tags.clone(),
+                        idempotency_key: key,
+                    })
+                    .await?;
+                format!("tags removed: {}", t.tags.join(", "))
+            }
+            Some(step::Action::SetAttributes(a)) => {
+                self.peers
+                    .contacts
+                    .clone()
+                    .set_attributes(SetAttributesRequest {
+                        contact: Self::contact(run),
+                        set: a.set.clone(),
+                        unset: Vec::new(),
+                        idempotency_key: key,
+                    })
+                    .await?;
+                let mut keys: Vec<&str> = a.set.keys().map(String::as_str).collect();
+                keys.sort_unstable();
+                format!("attributes set: {}", keys.join(", "))
+            }
+            Some(step::Action::SwitchRichMenu(m)) => {
+                let menu = match &m.menu {
+                    Some(switch_rich_menu_action::Menu::Alias(a)) => {
+                        link_rich_menu_request::Menu::Alias(a.clone())
+                    }
+                    Some(switch_rich_menu_action::Menu::RichMenuId(id)) => {
+                        link_rich_menu_request::Menu::RichMenuId(id.clone())
+                    }
+                    None => return Err(StepError::Permanent("no rich menu".into())),
+                };
+                let job = self
+                    .peers
+                    .delivery
+                    .clone()
+                    .link_rich_menu(LinkRichMenuRequest {
+                        tenant_id: run.tenant_id.clone(),
+                        channel_id: run.channel_id.clone(),
+                        idempotency_key: key,
+                        user_id: run.line_user_id.clone(),
+                        menu: Some(menu),
+                    })
+                    .await?
+                    .into_inner();
+                format!("rich menu link queued: delivery job {}", job.job_id)
+            }
+            Some(step::Action::SendMessages(send)) => {
+                let target = if run.can_reply() {
+                    reply_used = true;
+                    send_request::Target::ReplyToken(run.reply_token.clone())
+                } else {
+                    send_request::Target::PushTo(run.line_user_id.clone())
+                };
+                let job = self
+                    .peers
+                    .delivery
+                    .clone()
+                    .send(SendRequest {
+                        tenant_id: run.tenant_id.clone(),
+                        channel_id: run.channel_id.clone(),
+                        idempotency_key: key,
+                        target: Some(target),
+                        reply_fallback_to: run.line_user_id.clone(),
+                        messages_json: send.messages_json.clone(),
+                        notification_disabled: send.notification_disabled,
+                        not_before: None,
+                    })
+                    .await?
+                    .into_inner();
+                format!("messages queued: delivery job {}", job.job_id)
+            }
+            Some(step::Action::Wait(w)) => {
+                let resume = match &w.until {
+                    Some(wait_action::Until::Duration(d)) => {
+                        Resume::After(Duration::from_secs(d.seconds.max(0) as u64))
+                    }
+                    Some(wait_action::Until::TimeOfDay(t)) => Resume::At {
+                        hour: t.hour,
+                        minute: t.minute,
+                        zone: self.zone(&run.tenant_id).await?,
+                    },
+                    None => return Err(StepError::Permanent("a wait without its time".into())),
+                };
+                self.runs.wait(run, pc + 1, &s.id, &resume).await?;
+                return Ok(None);
+            }
+            Some(step::Action::Branch(_)) => {
+                return Err(StepError::Permanent("a branch outside the program".into()));
+            }
+            Some(step::Action::Stop(_)) => {
+                self.runs
+                    .step_done(run, pc + 1, &s.id, "stopped", false)
+                    .await?;
+                self.end(run, "stopped", "").await;
+                return Ok(None);
+            }
+        };
+        self.runs
+            .step_done(run, pc + 1, &s.id, &detail, reply_used)
+            .await?;
+        if reply_used {
+            run.reply_token.clear();
+        }
+        Ok(Some(pc + 1))
+    }
+
+    /// The tenant's IANA time zone (from contacts, cached).
+    async fn zone(&self, tenant_id: &str) -> Result<String, StepError> {
+        if let Some(z) = self.zones.lock().expect("zones").get(tenant_id) {
+            return Ok(z.clone());
+        }
+        let tenant = self
+            .peers
+            .tenants
+            .clone()
+            .get_tenant(GetTenantRequest {
+                tenant_id: tenant_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let zone = if tenant.time_zone.is_empty() {
+            "UTC".to_owned()
+        } else {
+            tenant.time_zone
+        };
+        self.zones
+            .lock()
+            .expect("zones")
+            .insert(tenant_id.to_owned(), zone.clone());
+        Ok(zone)
+    }
+}
+
+fn uses_segments(c: &hibiki_proto::scenario::v1::Condition) -> bool {
+    match &c.node {
+        Some(condition::Node::InSegment(_)) => true,
+        Some(condition::Node::All(l)) | Some(condition::Node::Any(l)) => {
+            l.conditions.iter().any(uses_segments)
+        }
+        Some(condition::Node::Not(inner)) => uses_segments(inner),
+        _ => false,
+    }
+}

@@ -1,0 +1,91 @@
+//! A scenario's steps as a flat program a run walks with a counter: a
+//! branch becomes a test that jumps over its `then` steps to its `else`
+//! steps, and the end of `then` jumps past `else`. A run stores its version
+//! and its counter; the same version always compiles to the same program, so
+//! a run resumes exactly where it stood, on the version it started with.
+
+use hibiki_proto::scenario::v1::{Condition, ScenarioDefinition, Step, step};
+
+/// One instruction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Run this step (tags, attributes, rich menu, messages, wait, stop).
+    Step(Step),
+    /// A branch step: when `condition` does not hold, go to `otherwise`.
+    Branch {
+        step_id: String,
+        condition: Condition,
+        otherwise: usize,
+    },
+    /// Continue at this counter (the end of a branch's `then`).
+    Jump(usize),
+}
+
+/// A compiled scenario version.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub ops: Vec<Op>,
+}
+
+impl Program {
+    /// Compiles a (checked) definition.
+    pub fn compile(definition: &ScenarioDefinition) -> Self {
+        let mut ops = Vec::new();
+        emit(&definition.steps, &mut ops);
+        Self { ops }
+    }
+}
+
+fn emit(steps: &[Step], ops: &mut Vec<Op>) {
+    for s in steps {
+        match &s.action {
+            Some(step::Action::Branch(b)) => {
+                let test = ops.len();
+                ops.push(Op::Jump(0)); // placeholder for the branch test
+                emit(&b.then, ops);
+                let jump = ops.len();
+                ops.push(Op::Jump(0)); // placeholder: past `else`
+                let otherwise = ops.len();
+                emit(&b.otherwise, ops);
+                let end = ops.len();
+                ops[test] = Op::Branch {
+                    step_id: s.id.clone(),
+                    condition: b.condition.clone().unwrap_or_default(),
+                    otherwise,
+                };
+                ops[jump] = Op::Jump(end);
+            }
+            _ => ops.push(Op::Step(s.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::from_yaml;
+
+    #[test]
+    fn a_branch_jumps_over_then_to_else_and_then_jumps_past_else() {
+        let d = from_yaml(
+            "name: t\ntrigger: { follow: {} }\nsteps:\n\
+             - { id: a, add_tags: [x] }\n\
+             - id: b\n  branch:\n    if: { has_tag: vip }\n    then: [{ id: c, add_tags: [y] }]\n    else: [{ id: d, add_tags: [z] }, { id: e, stop: {} }]\n\
+             - { id: f, add_tags: [w] }\n",
+        )
+        .unwrap();
+        let p = Program::compile(&d);
+        let shape: Vec<String> = p
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Step(s) => s.id.clone(),
+                Op::Branch {
+                    step_id, otherwise, ..
+                } => format!("{step_id}?else:{otherwise}"),
+                Op::Jump(to) => format!("jump:{to}"),
+            })
+            .collect();
+        assert_eq!(shape, ["a", "b?else:4", "c", "jump:6", "d", "e", "f"]);
+    }
+}

@@ -1,0 +1,437 @@
+//! The executor against the real event log (Redis), contacts, delivery and
+//! line-sim: a tap becomes a tag, a rich-menu switch and a thank-you reply;
+//! a redelivered event changes nothing; waits resume from PostgreSQL;
+//! re-entry policies hold.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hibiki_line_sim::{LineSim, SimChannel, SimConfig};
+use hibiki_proto::common::v1::{
+    ContactRef, FollowEvent, InboundEvent, PostbackEvent, Source, SourceType,
+    inbound_event::Payload,
+};
+use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
+use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
+use hibiki_proto::contacts::v1::{CreateTenantRequest, GetContactRequest, PutChannelRequest};
+use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
+use hibiki_proto::scenario::v1::{
+    ApplyRequest, GetRunRequest, ListRunsRequest, Run, RunStatus, apply_request,
+};
+use hibiki_runtime::Shutdown;
+use hibiki_runtime::config::{RedisConfig, Secret};
+use hibiki_runtime::eventlog::{Event, EventLog};
+use hibiki_runtime::redis::Redis;
+use hibiki_testkit::{
+    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
+};
+use prost::Message;
+use tonic_health::ServingStatus;
+
+const CHANNEL: &str = "1000000001";
+
+fn user(n: u64) -> String {
+    format!("U{n:032x}")
+}
+
+struct Mesh {
+    _database: TestDatabase,
+    _keys: RedisKeys,
+    sim: LineSim,
+    log: EventLog,
+    contacts: String,
+    scenario: String,
+    stops: Vec<Shutdown>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for s in &self.stops {
+            s.trigger();
+        }
+    }
+}
+
+async fn mesh() -> Mesh {
+    let database = TestDatabase::create().await;
+    let mut env = service_env(&database, None);
+    let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
+    let (contacts, stop_contacts, _t) =
+        lifecycle::start::<hibiki_contacts::Application>(&env).await;
+    wait_for_health(&contacts, ServingStatus::Serving).await;
+    let mut tenants = TenantServiceClient::new(authorized(&contacts, SERVICE_TOKEN));
+    tenants
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "acme".into(),
+            display_name: "Acme".into(),
+            time_zone: "Asia/Tokyo".into(),
+        })
+        .await
+        .unwrap();
+    tenants
+        .put_channel(PutChannelRequest {
+            tenant_id: "acme".into(),
+            channel_id: CHANNEL.into(),
+            channel_secret: "secret".into(),
+            access_token: "token-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let sim = LineSim::start(
+        SimConfig {
+            channels: vec![SimChannel {
+                channel_id: CHANNEL.into(),
+                access_token: "token-a".into(),
+                secret: "secret".into(),
+            }],
+            ..SimConfig::default()
+        },
+        loopback,
+        loopback,
+    )
+    .await
+    .unwrap();
+    sim.sim()
+        .create_rich_menu(CHANNEL, "campaign", Some("campaign"));
+    env.insert("HIBIKI_CONTACTS_URL".into(), contacts.clone());
+    env.insert("HIBIKI_LINE_API_URL".into(), sim.api_url());
+    env.insert("HIBIKI_SCENARIO_LEASE_MS".into(), "1000".into());
+    let (delivery, stop_delivery, _t) =
+        lifecycle::start::<hibiki_delivery::Application>(&env).await;
+    wait_for_health(&delivery, ServingStatus::Serving).await;
+    env.insert("HIBIKI_DELIVERY_URL".into(), delivery);
+    let (scenario, stop_scenario, _t) =
+        lifecycle::start::<hibiki_scenario::Application>(&env).await;
+    wait_for_health(&scenario, ServingStatus::Serving).await;
+    let redis = Redis::connect_lazy(&RedisConfig {
+        url: Secret::new(env["HIBIKI_REDIS_URL"].clone()),
+        key_prefix: env["HIBIKI_REDIS_PREFIX"].clone(),
+        pool_size: 2,
+    })
+    .unwrap();
+    let log = EventLog::from_config(
+        redis,
+        &hibiki_runtime::eventlog::EventLogConfig::from_env(&hibiki_runtime::ProcessEnv).unwrap(),
+    );
+    Mesh {
+        _database: database,
+        _keys: keys,
+        sim,
+        log,
+        contacts,
+        scenario,
+        stops: vec![stop_scenario, stop_delivery, stop_contacts],
+    }
+}
+
+impl Mesh {
+    fn client(
+        &self,
+    ) -> ScenarioServiceClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            hibiki_runtime::grpc::ClientInterceptor,
+        >,
+    > {
+        ScenarioServiceClient::new(authorized(&self.scenario, SERVICE_TOKEN))
+    }
+
+    async fn apply(&self, yaml: &str) -> String {
+        self.client()
+            .apply(ApplyRequest {
+                tenant_id: "acme".into(),
+                source: Some(apply_request::Source::Yaml(yaml.into())),
+                start_disabled: false,
+            })
+            .await
+            .expect("the scenario applies")
+            .into_inner()
+            .scenario_id
+    }
+
+    /// Appends an event to the log as the gateway would.
+    async fn append(&self, event: &InboundEvent) {
+        let payload = event.encode_to_vec();
+        let user = event.source.as_ref().unwrap().user_id.clone();
+        self.log
+            .append(&[Event {
+                channel_id: CHANNEL,
+                user_id: &user,
+                event_id: &event.webhook_event_id,
+                timestamp_ms: event.timestamp_ms,
+                payload: &payload,
+            }])
+            .await
+            .expect("appended");
+    }
+
+    async fn runs_of(&self, u: &str) -> Vec<Run> {
+        self.client()
+            .list_runs(ListRunsRequest {
+                tenant_id: "acme".into(),
+                line_user_id: u.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .runs
+    }
+
+    async fn tags(&self, u: &str) -> Vec<String> {
+        ContactServiceClient::new(authorized(&self.contacts, SERVICE_TOKEN))
+            .get_contact(GetContactRequest {
+                contact: Some(ContactRef {
+                    tenant_id: "acme".into(),
+                    line_user_id: u.into(),
+                }),
+            })
+            .await
+            .map(|c| c.into_inner().tags)
+            .unwrap_or_default()
+    }
+}
+
+fn event(id: &str, u: &str, payload: Payload, reply_token: &str) -> InboundEvent {
+    InboundEvent {
+        tenant_id: "acme".into(),
+        channel_id: CHANNEL.into(),
+        webhook_event_id: id.into(),
+        r#type: match payload {
+            Payload::Follow(_) => "follow",
+            _ => "postback",
+        }
+        .into(),
+        timestamp_ms: chrono::Utc::now().timestamp_millis(),
+        source: Some(Source {
+            r#type: SourceType::User as i32,
+            user_id: u.into(),
+            ..Default::default()
+        }),
+        reply_token: reply_token.into(),
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+fn tap(id: &str, u: &str, reply_token: &str) -> InboundEvent {
+    event(
+        id,
+        u,
+        Payload::Postback(PostbackEvent {
+            data: "action=join&campaign=spring".into(),
+            ..Default::default()
+        }),
+        reply_token,
+    )
+}
+
+async fn until<F: FnMut() -> bool>(what: &str, within: Duration, mut done: F) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn until_run(mesh: &Mesh, u: &str, status: RunStatus) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let runs = mesh.runs_of(u).await;
+        if let Some(r) = runs.iter().find(|r| r.status() == status) {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {status:?} run for {u}: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const SPRING: &str = include_str!("../../../examples/spring-campaign.yaml");
+
+#[tokio::test]
+async fn a_tap_tags_switches_the_menu_and_replies_once_even_when_redelivered() {
+    let mesh = mesh().await;
+    let scenario_id = mesh.apply(SPRING).await;
+    let u = user(1);
+    let token = mesh.sim.sim().lock().issue_reply_token(CHANNEL, &u);
+    let first = tap("01TAP00000000000000000001", &u, &token);
+    mesh.append(&first).await;
+    let run = until_run(&mesh, &u, RunStatus::Completed).await;
+    assert_eq!(run.scenario_id, scenario_id);
+    assert_eq!(run.trigger_event_id, "01TAP00000000000000000001");
+    assert_eq!(mesh.tags(&u).await, ["campaign:spring"]);
+    let sim = mesh.sim.sim().clone();
+    until(
+        "the menu switch and the reply",
+        Duration::from_secs(10),
+        || {
+            let s = sim.lock();
+            s.user_menus.contains_key(&(CHANNEL.to_owned(), u.clone())) && !s.sent.is_empty()
+        },
+    )
+    .await;
+    {
+        let s = sim.lock();
+        assert_eq!(s.sent.len(), 1);
+        assert_eq!(
+            s.sent[0].endpoint,
+            hibiki_line::api::Endpoint::Reply,
+            "the tap's reply token is used"
+        );
+        assert_eq!(s.sent[0].recipient, u);
+    }
+    let history = mesh
+        .client()
+        .get_run(GetRunRequest {
+            tenant_id: "acme".into(),
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .history;
+    let steps: Vec<&str> = history.iter().map(|s| s.step_id.as_str()).collect();
+    assert_eq!(steps, ["tag", "menu", "thanks"]);
+
+    // LINE redelivers the same event: nothing new happens.
+    mesh.append(&first).await; // deduped by the log
+    let mut again = first.clone();
+    again.webhook_event_id = "01TAP00000000000000000001".into();
+    let payload = again.encode_to_vec();
+    // Even if it reached the executor again (another copy in the log):
+    mesh.log
+        .append(&[Event {
+            channel_id: "other-channel-copy",
+            user_id: &u,
+            event_id: &again.webhook_event_id,
+            timestamp_ms: again.timestamp_ms,
+            payload: &payload,
+        }])
+        .await
+        .unwrap();
+    // The same user taps again (a new event): re-entry ONCE keeps it out.
+    mesh.append(&tap("01TAP00000000000000000002", &u, "")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        mesh.runs_of(&u).await.len(),
+        1,
+        "one run per contact (once)"
+    );
+    assert_eq!(sim.lock().sent.len(), 1, "one reply in all");
+    assert_eq!(
+        sim.lock()
+            .menu_changes
+            .iter()
+            .filter(|c| c.user_id == u)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_wait_parks_the_run_and_the_timer_resumes_it() {
+    let mesh = mesh().await;
+    mesh.apply(
+        "name: welcome\ntrigger: { follow: {} }\nsteps:\n\
+         - { id: hello, send_messages: { messages: [{ type: text, text: hello }] } }\n\
+         - { id: pause, wait: { duration: 2s } }\n\
+         - { id: tip, send_messages: { messages: [{ type: text, text: tip }] } }\n\
+         - id: check\n  branch:\n    if: { has_tag: vip }\n    then: [{ id: vip, add_tags: [gold] }]\n    else: [{ id: regular, add_tags: [silver] }]\n",
+    )
+    .await;
+    let u = user(2);
+    mesh.append(&event(
+        "01FOLLOW0000000000000001",
+        &u,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    let waiting = until_run(&mesh, &u, RunStatus::Waiting).await;
+    assert_eq!(waiting.current_step_id, "pause");
+    assert!(waiting.resume_at.is_some());
+    let sim = mesh.sim.sim().clone();
+    until("the first message", Duration::from_secs(10), || {
+        sim.lock().sent.len() == 1
+    })
+    .await;
+    let done = until_run(&mesh, &u, RunStatus::Completed).await;
+    assert_eq!(done.run_id, waiting.run_id);
+    until("the second message", Duration::from_secs(10), || {
+        sim.lock().sent.len() == 2
+    })
+    .await;
+    let texts: Vec<String> = sim
+        .lock()
+        .sent
+        .iter()
+        .map(|m| m.messages[0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["hello", "tip"]);
+    // The branch went the `else` way (no vip tag).
+    assert_eq!(mesh.tags(&u).await, ["silver"]);
+    let history = mesh
+        .client()
+        .get_run(GetRunRequest {
+            tenant_id: "acme".into(),
+            run_id: done.run_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .history;
+    let steps: Vec<&str> = history.iter().map(|s| s.step_id.as_str()).collect();
+    assert_eq!(steps, ["hello", "pause", "tip", "check", "regular"]);
+}
+
+#[tokio::test]
+async fn re_entry_policies_decide_whether_a_contact_starts_again() {
+    let mesh = mesh().await;
+    for (name, policy) in [("every", "every_time"), ("while", "not_while_running")] {
+        mesh.apply(&format!(
+            "name: {name}\ntrigger: {{ postback: {{ exact: '{name}' }} }}\n\
+             steps:\n - {{ id: t, add_tags: ['{name}'] }}\n - {{ id: w, wait: {{ duration: 1h }} }}\n\
+             options: {{ reentry: {policy} }}\n"
+        ))
+        .await;
+    }
+    let u = user(3);
+    for (i, data) in ["every", "every", "while", "while"].iter().enumerate() {
+        mesh.append(&event(
+            &format!("01REENTRY00000000000000{i:02}"),
+            &u,
+            Payload::Postback(PostbackEvent {
+                data: (*data).into(),
+                ..Default::default()
+            }),
+            "",
+        ))
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let runs = mesh.runs_of(&u).await;
+        let per: HashMap<String, usize> = runs.iter().fold(HashMap::new(), |mut m, r| {
+            *m.entry(r.scenario_id.clone()).or_default() += 1;
+            m
+        });
+        if runs.len() >= 3 {
+            // every_time: two runs; not_while_running: one (the first waits).
+            let mut counts: Vec<usize> = per.values().copied().collect();
+            counts.sort_unstable();
+            assert_eq!(counts, [1, 2], "{runs:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mesh.runs_of(&u).await.len(), 3, "no fourth run");
+}
