@@ -20,8 +20,11 @@
 //!   the reason. Anything else leaves the run where it stands, and the timer
 //!   loop takes it up again when its lease has passed.
 //!
+//! Quiet hours hold a send (as a push) to the end of the window, in the
+//! tenant's time zone.
+//!
 //! Not yet: segment entered / exited triggers, `in_segment` conditions (a
-//! run reaching one fails, saying so), quiet hours, manual starts.
+//! run reaching one fails, saying so), manual starts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -459,7 +462,7 @@ impl Executor {
                     }
                     Err(e) => Err(e),
                 },
-                Op::Step(s) => self.step(&mut run, pc, s).await,
+                Op::Step(s) => self.step(&mut run, &program, pc, s).await,
             };
             match result {
                 Ok(Some(next)) => pc = next,
@@ -516,6 +519,7 @@ impl Executor {
     async fn step(
         &self,
         run: &mut RunRow,
+        program: &Program,
         pc: usize,
         s: &hibiki_proto::scenario::v1::Step,
     ) -> Result<Option<usize>, StepError> {
@@ -588,7 +592,23 @@ impl Executor {
                 format!("rich menu link queued: delivery job {}", job.job_id)
             }
             Some(step::Action::SendMessages(send)) => {
-                let target = if run.can_reply() {
+                // Quiet hours: held to the end of the window (as a push:
+                // the reply token will have expired by then).
+                let held = match &program.quiet_hours {
+                    Some(q) => {
+                        let hhmm = |t: &Option<hibiki_proto::scenario::v1::TimeOfDay>| {
+                            t.as_ref()
+                                .map(|t| format!("{:02}:{:02}", t.hour, t.minute))
+                                .unwrap_or_default()
+                        };
+                        let zone = self.zone(&run.tenant_id).await?;
+                        self.runs
+                            .quiet_until(&zone, &hhmm(&q.start), &hhmm(&q.end))
+                            .await?
+                    }
+                    None => None,
+                };
+                let target = if held.is_none() && run.can_reply() {
                     reply_used = true;
                     send_request::Target::ReplyToken(run.reply_token.clone())
                 } else {
@@ -606,11 +626,18 @@ impl Executor {
                         reply_fallback_to: run.line_user_id.clone(),
                         messages_json: send.messages_json.clone(),
                         notification_disabled: send.notification_disabled,
-                        not_before: None,
+                        not_before: held.map(hibiki_runtime::timestamp::to_proto),
                     })
                     .await?
                     .into_inner();
-                format!("messages queued: delivery job {}", job.job_id)
+                match held {
+                    Some(t) => format!(
+                        "messages queued, held for quiet hours until {}: delivery job {}",
+                        t.to_rfc3339(),
+                        job.job_id
+                    ),
+                    None => format!("messages queued: delivery job {}", job.job_id),
+                }
             }
             Some(step::Action::Wait(w)) => {
                 let resume = match &w.until {

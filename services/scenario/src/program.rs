@@ -4,7 +4,7 @@
 //! and its counter; the same version always compiles to the same program, so
 //! a run resumes exactly where it stood, on the version it started with.
 
-use hibiki_proto::scenario::v1::{Condition, ScenarioDefinition, Step, step};
+use hibiki_proto::scenario::v1::{Condition, QuietHours, ScenarioDefinition, Step, step};
 
 /// One instruction.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub enum Op {
 #[derive(Debug, Clone)]
 pub struct Program {
     pub ops: Vec<Op>,
+    /// Sends inside this daily window are held to its end.
+    pub quiet_hours: Option<QuietHours>,
 }
 
 impl Program {
@@ -32,7 +34,10 @@ impl Program {
     pub fn compile(definition: &ScenarioDefinition) -> Self {
         let mut ops = Vec::new();
         emit(&definition.steps, &mut ops);
-        Self { ops }
+        Self {
+            ops,
+            quiet_hours: definition.options.as_ref().and_then(|o| o.quiet_hours),
+        }
     }
 }
 

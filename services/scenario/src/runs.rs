@@ -356,6 +356,33 @@ impl Runs {
         Ok(until)
     }
 
+    /// When a send now is held to, if now is inside the daily quiet window
+    /// `start`–`end` ("HH:MM", may wrap midnight) in time zone `zone`.
+    pub async fn quiet_until(
+        &self,
+        zone: &str,
+        start: &str,
+        end: &str,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let (until,): (Option<DateTime<Utc>>,) = sqlx::query_as(
+            "WITH l AS (SELECT now() AT TIME ZONE $1 AS local)
+             SELECT CASE
+               WHEN $2::time < $3::time AND local::time >= $2::time AND local::time < $3::time
+                 THEN (date_trunc('day', local) + $3::time) AT TIME ZONE $1
+               WHEN $2::time > $3::time AND local::time >= $2::time
+                 THEN (date_trunc('day', local) + interval '1 day' + $3::time) AT TIME ZONE $1
+               WHEN $2::time > $3::time AND local::time < $3::time
+                 THEN (date_trunc('day', local) + $3::time) AT TIME ZONE $1
+             END FROM l",
+        )
+        .bind(zone)
+        .bind(start)
+        .bind(end)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(until)
+    }
+
     /// Ends the run: `completed`, `stopped` or `failed` (with `error`).
     pub async fn finish(&self, run: &RunRow, status: &str, error: &str) -> Result<()> {
         sqlx::query(

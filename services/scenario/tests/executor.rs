@@ -36,6 +36,7 @@ fn user(n: u64) -> String {
 
 struct Mesh {
     _database: TestDatabase,
+    env: HashMap<String, String>,
     _keys: RedisKeys,
     sim: LineSim,
     log: EventLog,
@@ -53,6 +54,12 @@ impl Drop for Mesh {
 }
 
 async fn mesh() -> Mesh {
+    mesh_with(true).await
+}
+
+/// The mesh; scenario in this process when `in_process`, else only its
+/// settings (`env`) for a binary the test starts.
+async fn mesh_with(in_process: bool) -> Mesh {
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
     let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
@@ -102,9 +109,16 @@ async fn mesh() -> Mesh {
         lifecycle::start::<hibiki_delivery::Application>(&env).await;
     wait_for_health(&delivery, ServingStatus::Serving).await;
     env.insert("HIBIKI_DELIVERY_URL".into(), delivery);
-    let (scenario, stop_scenario, _t) =
-        lifecycle::start::<hibiki_scenario::Application>(&env).await;
-    wait_for_health(&scenario, ServingStatus::Serving).await;
+    let mut stops = vec![stop_delivery, stop_contacts];
+    let scenario = if in_process {
+        let (scenario, stop_scenario, _t) =
+            lifecycle::start::<hibiki_scenario::Application>(&env).await;
+        wait_for_health(&scenario, ServingStatus::Serving).await;
+        stops.insert(0, stop_scenario);
+        scenario
+    } else {
+        String::new()
+    };
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new(env["HIBIKI_REDIS_URL"].clone()),
         key_prefix: env["HIBIKI_REDIS_PREFIX"].clone(),
@@ -117,12 +131,13 @@ async fn mesh() -> Mesh {
     );
     Mesh {
         _database: database,
+        env,
         _keys: keys,
         sim,
         log,
         contacts,
         scenario,
-        stops: vec![stop_scenario, stop_delivery, stop_contacts],
+        stops,
     }
 }
 
@@ -135,7 +150,19 @@ impl Mesh {
             hibiki_runtime::grpc::ClientInterceptor,
         >,
     > {
-        ScenarioServiceClient::new(authorized(&self.scenario, SERVICE_TOKEN))
+        self.client_at(&self.scenario)
+    }
+
+    fn client_at(
+        &self,
+        url: &str,
+    ) -> ScenarioServiceClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            hibiki_runtime::grpc::ClientInterceptor,
+        >,
+    > {
+        ScenarioServiceClient::new(authorized(url, SERVICE_TOKEN))
     }
 
     async fn apply(&self, yaml: &str) -> String {
@@ -434,4 +461,177 @@ async fn re_entry_policies_decide_whether_a_contact_starts_again() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(mesh.runs_of(&u).await.len(), 3, "no fourth run");
+}
+
+#[tokio::test]
+async fn two_executors_share_the_log_and_the_timers_and_do_nothing_twice() {
+    let mesh = mesh().await;
+    // A second replica of scenario on the same stores.
+    let (second, stop_second, _t) =
+        lifecycle::start::<hibiki_scenario::Application>(&mesh.env).await;
+    wait_for_health(&second, ServingStatus::Serving).await;
+    let scenario_id = mesh
+        .apply(
+            "name: welcome\ntrigger: { follow: {} }\nsteps:\n\
+             - { id: tag, add_tags: [friend] }\n\
+             - { id: pause, wait: { duration: 1s } }\n\
+             - { id: hello, send_messages: { messages: [{ type: text, text: hello }] } }\n",
+        )
+        .await;
+    let users: Vec<String> = (100..140).map(user).collect();
+    for (i, u) in users.iter().enumerate() {
+        mesh.append(&event(
+            &format!("01SHARE0000000000000000{i:03}"),
+            u,
+            Payload::Follow(FollowEvent {
+                is_unblocked: false,
+            }),
+            "",
+        ))
+        .await;
+    }
+    let sim = mesh.sim.sim().clone();
+    until("every welcome", Duration::from_secs(30), || {
+        sim.lock().sent.len() >= 40
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = sim.lock().sent.clone();
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for m in &sent {
+        *per_user.entry(m.recipient.clone()).or_default() += 1;
+    }
+    assert_eq!(per_user.len(), 40);
+    assert!(per_user.values().all(|n| *n == 1), "{per_user:?}");
+    let runs = mesh
+        .client_at(&second)
+        .list_runs(ListRunsRequest {
+            tenant_id: "acme".into(),
+            scenario_id: scenario_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 40, "one run per follow");
+    let done = runs
+        .iter()
+        .filter(|r| r.status() == RunStatus::Completed)
+        .count();
+    assert_eq!(done, 40);
+    stop_second.trigger();
+}
+
+#[tokio::test]
+async fn an_executor_killed_mid_run_is_replaced_and_nothing_is_lost_or_repeated() {
+    let mesh = mesh_with(false).await;
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_hibiki-scenario"));
+    let first = hibiki_testkit::ServiceProcess::spawn(binary, mesh.env.clone());
+    wait_for_health(&first.url, ServingStatus::Serving).await;
+    let client = |url: &str| mesh.client_at(url);
+    client(&first.url)
+        .apply(ApplyRequest {
+            tenant_id: "acme".into(),
+            source: Some(apply_request::Source::Yaml(
+                "name: drip\ntrigger: { follow: {} }\nsteps:\n\
+                 - { id: hello, send_messages: { messages: [{ type: text, text: hello }] } }\n\
+                 - { id: pause, wait: { duration: 2s } }\n\
+                 - { id: tag, add_tags: [dripped] }\n\
+                 - { id: bye, send_messages: { messages: [{ type: text, text: bye }] } }\n"
+                    .into(),
+            )),
+            start_disabled: false,
+        })
+        .await
+        .unwrap();
+    let u = user(7);
+    mesh.append(&event(
+        "01KILL000000000000000001",
+        &u,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    let sim = mesh.sim.sim().clone();
+    until("the first message", Duration::from_secs(10), || {
+        sim.lock().sent.len() == 1
+    })
+    .await;
+    // kill -9 while the run waits.
+    drop(first);
+    let second = hibiki_testkit::ServiceProcess::spawn(binary, mesh.env.clone());
+    wait_for_health(&second.url, ServingStatus::Serving).await;
+    until("the second message", Duration::from_secs(20), || {
+        sim.lock().sent.len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let texts: Vec<String> = sim
+        .lock()
+        .sent
+        .iter()
+        .map(|m| m.messages[0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["hello", "bye"], "nothing lost, nothing twice");
+    assert_eq!(mesh.tags(&u).await, ["dripped"]);
+    let runs = client(&second.url)
+        .list_runs(ListRunsRequest {
+            tenant_id: "acme".into(),
+            line_user_id: u.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status(), RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_send_in_quiet_hours_is_held_to_the_end_of_the_window() {
+    let mesh = mesh().await;
+    // A window around now in the tenant's zone (Asia/Tokyo, UTC+9).
+    let local = chrono::Utc::now() + chrono::Duration::hours(9);
+    let start = (local - chrono::Duration::hours(1)).format("%H:%M");
+    let end = (local + chrono::Duration::hours(2)).format("%H:%M");
+    mesh.apply(&format!(
+        "name: night\ntrigger: {{ follow: {{}} }}\nsteps:\n\
+         - {{ id: hello, send_messages: {{ messages: [{{ type: text, text: hello }}] }} }}\n\
+         options: {{ quiet_hours: {{ start: '{start}', end: '{end}' }} }}\n"
+    ))
+    .await;
+    let u = user(9);
+    mesh.append(&event(
+        "01QUIET00000000000000001",
+        &u,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    let run = until_run(&mesh, &u, RunStatus::Completed).await;
+    let history = mesh
+        .client()
+        .get_run(GetRunRequest {
+            tenant_id: "acme".into(),
+            run_id: run.run_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .history;
+    assert!(
+        history[0].detail.contains("held for quiet hours until"),
+        "{history:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        mesh.sim.sim().lock().sent.is_empty(),
+        "nothing leaves in quiet hours"
+    );
 }
