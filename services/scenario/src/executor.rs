@@ -23,8 +23,11 @@
 //! Quiet hours hold a send (as a push) to the end of the window, in the
 //! tenant's time zone.
 //!
-//! Not yet: segment entered / exited triggers, `in_segment` conditions (a
-//! run reaching one fails, saying so), manual starts.
+//! Membership changes contacts reports (after an event, or after a step's
+//! tags or attributes) start the scenarios triggered by entering or leaving
+//! that segment; those runs are queued for the timer loop.
+//!
+//! Not yet: `in_segment` conditions (a run reaching one fails, saying so).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -239,13 +242,13 @@ impl Executor {
                     events: events[i..j].to_vec(),
                 })
                 .await;
-            let refused = match applied {
-                Ok(_) => Vec::new(),
+            let (refused, results) = match applied {
+                Ok(r) => (Vec::new(), r.into_inner().results),
                 // One event contacts will never take (a malformed user id,
                 // say) must not hold up the others: apply them one by one
                 // and leave out the refused ones.
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    self.apply_one_by_one(&events[i..j]).await?
+                    (self.apply_one_by_one(&events[i..j]).await?, Vec::new())
                 }
                 Err(s) => return Err(format!("contacts ApplyEvents: {}", s.message())),
             };
@@ -254,6 +257,19 @@ impl Executor {
                     continue;
                 }
                 self.trigger(event).await.map_err(|e| e.to_string())?;
+                if let Some(result) = results
+                    .iter()
+                    .find(|r| r.webhook_event_id == event.webhook_event_id)
+                {
+                    self.membership(
+                        &event.tenant_id,
+                        &event.channel_id,
+                        &event.webhook_event_id,
+                        &result.membership_changes,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                }
             }
             i = j;
         }
@@ -364,6 +380,7 @@ impl Executor {
                     .as_ref()
                     .map(|t| t.traceparent.clone())
                     .unwrap_or_default(),
+                queued: false,
             };
             let run = match self.runs.start(&new, a.reentry).await? {
                 Started::New(run) => run,
@@ -378,6 +395,57 @@ impl Executor {
                 }
             };
             self.walk(run).await;
+        }
+        Ok(())
+    }
+
+    /// Queues the runs that contacts' membership `changes` start: scenarios
+    /// triggered by entering or leaving a segment. `origin` (the event, or
+    /// the run and step that changed the contact) keys them, so a replay
+    /// starts nothing twice.
+    async fn membership(
+        &self,
+        tenant_id: &str,
+        channel_id: &str,
+        origin: &str,
+        changes: &[hibiki_proto::contacts::v1::MembershipChange],
+    ) -> Result<(), hibiki_runtime::error::ServiceError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let active = self.active(tenant_id).await?;
+        for change in changes {
+            for a in active.iter().filter(|a| {
+                a.matcher
+                    .matches_membership(&change.segment_id, change.entered)
+            }) {
+                let trigger = format!(
+                    "{origin}:{}:{}",
+                    change.segment_id,
+                    if change.entered { "entered" } else { "exited" }
+                );
+                let channel = if a.matcher.channel_id().is_empty() {
+                    channel_id
+                } else {
+                    a.matcher.channel_id()
+                };
+                let new = NewRun {
+                    tenant_id: tenant_id.to_owned(),
+                    run_id: run_id(tenant_id, &a.scenario_id, &trigger),
+                    scenario_id: a.scenario_id.clone(),
+                    version: a.version,
+                    line_user_id: change.line_user_id.clone(),
+                    channel_id: channel.to_owned(),
+                    trigger_event_id: trigger,
+                    reply_token: String::new(),
+                    reply_until: None,
+                    traceparent: String::new(),
+                    queued: true,
+                };
+                if let Started::Skipped(why) = self.runs.start(&new, a.reentry).await? {
+                    tracing::debug!(scenario = %a.scenario_id, why, "run not started");
+                }
+            }
         }
         Ok(())
     }
@@ -528,39 +596,54 @@ impl Executor {
         let detail = match &s.action {
             None => return Err(StepError::Permanent(format!("step {} has no action", s.id))),
             Some(step::Action::AddTags(t)) => {
-                self.peers
+                let changed = self
+                    .peers
                     .contacts
                     .clone()
                     .add_tags(AddTagsRequest {
                         contact: Self::contact(run),
                         tags: t.tags.clone(),
-                        idempotency_key: key,
+                        idempotency_key: key.clone(),
                     })
+                    .await?
+                    .into_inner()
+                    .membership_changes;
+                self.membership(&run.tenant_id, &run.channel_id, &key, &changed)
                     .await?;
                 format!("tags added: {}", t.tags.join(", "))
             }
             Some(step::Action::RemoveTags(t)) => {
-                self.peers
+                let changed = self
+                    .peers
                     .contacts
                     .clone()
                     .remove_tags(RemoveTagsRequest {
                         contact: Self::contact(run),
                         tags: t.tags.clone(),
-                        idempotency_key: key,
+                        idempotency_key: key.clone(),
                     })
+                    .await?
+                    .into_inner()
+                    .membership_changes;
+                self.membership(&run.tenant_id, &run.channel_id, &key, &changed)
                     .await?;
                 format!("tags removed: {}", t.tags.join(", "))
             }
             Some(step::Action::SetAttributes(a)) => {
-                self.peers
+                let changed = self
+                    .peers
                     .contacts
                     .clone()
                     .set_attributes(SetAttributesRequest {
                         contact: Self::contact(run),
                         set: a.set.clone(),
                         unset: Vec::new(),
-                        idempotency_key: key,
+                        idempotency_key: key.clone(),
                     })
+                    .await?
+                    .into_inner()
+                    .membership_changes;
+                self.membership(&run.tenant_id, &run.channel_id, &key, &changed)
                     .await?;
                 let mut keys: Vec<&str> = a.set.keys().map(String::as_str).collect();
                 keys.sort_unstable();

@@ -9,8 +9,9 @@
 //!   `param.key` with `param.value`.
 //! - `text`: a text message equal to `exact` (whitespace trimmed), containing
 //!   `contains`, or matching `regex`; optionally without regard to case.
-//! - Segment and manual triggers never match a webhook event: membership
-//!   changes and `StartRun` start those.
+//! - `segment_entered` / `segment_exited`: a membership change of the
+//!   contact (from contacts, after an event or a step) matches instead of
+//!   an event; manual triggers only start through `StartRun`.
 //!
 //! A definition with `channel_id` matches only that channel's events.
 
@@ -38,7 +39,9 @@ enum Kind {
     PostbackPrefix(String),
     PostbackParam(String, String),
     Text(TextMatch, bool),
-    /// Segment and manual triggers: started otherwise.
+    /// A contact entered (true) or left (false) this segment.
+    Segment(String, bool),
+    /// Manual triggers: started by StartRun.
     Never,
 }
 
@@ -86,6 +89,8 @@ impl Matcher {
                 };
                 Kind::Text(m, fold)
             }
+            Some(trigger::Kind::SegmentEntered(t)) => Kind::Segment(t.segment_id.clone(), true),
+            Some(trigger::Kind::SegmentExited(t)) => Kind::Segment(t.segment_id.clone(), false),
             _ => Kind::Never,
         };
         Ok(Self {
@@ -99,6 +104,17 @@ impl Matcher {
             channel_id: definition.channel_id.clone(),
             kind: Kind::Never,
         }
+    }
+
+    /// Whether a contact's entering (`entered`) or leaving `segment_id`
+    /// starts the scenario.
+    pub fn matches_membership(&self, segment_id: &str, entered: bool) -> bool {
+        matches!(&self.kind, Kind::Segment(s, e) if s == segment_id && *e == entered)
+    }
+
+    /// The channel the scenario is bound to ("" for any).
+    pub fn channel_id(&self) -> &str {
+        &self.channel_id
     }
 
     /// Whether `event` starts the scenario.
@@ -267,7 +283,12 @@ mod tests {
         assert!(!unfollow.matches(&follow(false)));
         // Manual and segment triggers are never started by a webhook.
         assert!(!matcher("{ manual: {} }").matches(&follow(false)));
-        assert!(!matcher("{ segment_entered: { segment_id: s } }").matches(&follow(false)));
+        let entered = matcher("{ segment_entered: { segment_id: s } }");
+        assert!(!entered.matches(&follow(false)));
+        assert!(entered.matches_membership("s", true));
+        assert!(!entered.matches_membership("s", false));
+        assert!(!entered.matches_membership("t", true));
+        assert!(matcher("{ segment_exited: { segment_id: s } }").matches_membership("s", false));
     }
 
     #[test]

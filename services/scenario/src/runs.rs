@@ -87,6 +87,9 @@ pub struct NewRun {
     pub reply_token: String,
     pub reply_until: Option<DateTime<Utc>>,
     pub traceparent: String,
+    /// Queue it for the timer loop instead of walking it now (runs started
+    /// by membership changes and manual starts).
+    pub queued: bool,
 }
 
 /// What starting a run came to.
@@ -206,8 +209,10 @@ impl Runs {
             "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
                                status, lease_until, trigger_event_id, reply_token, reply_until,
                                traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6, 'running', now() + make_interval(secs => $7), $8, $9,
-                     $10, $11)
+             VALUES ($1, $2, $3, $4, $5, $6,
+                     CASE WHEN $12 THEN 'waiting' ELSE 'running' END,
+                     CASE WHEN $12 THEN now() ELSE now() + make_interval(secs => $7) END,
+                     $8, $9, $10, $11)
              RETURNING tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status,
                        pc, current_step_id, lease_until, trigger_event_id, reply_token,
                        reply_until, traceparent, error, started_at, finished_at",
@@ -223,6 +228,7 @@ impl Runs {
         .bind(&new.reply_token)
         .bind(new.reply_until)
         .bind(&new.traceparent)
+        .bind(new.queued)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -635,3 +635,57 @@ async fn a_send_in_quiet_hours_is_held_to_the_end_of_the_window() {
         "nothing leaves in quiet hours"
     );
 }
+
+#[tokio::test]
+async fn entering_a_segment_starts_the_scenarios_it_triggers() {
+    use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
+    use hibiki_proto::contacts::v1::{
+        CreateSegmentRequest, HasTag, SegmentRule, segment_rule::Node,
+    };
+    let mesh = mesh().await;
+    let segment = SegmentServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN))
+        .create_segment(CreateSegmentRequest {
+            tenant_id: "acme".into(),
+            name: "vips".into(),
+            description: String::new(),
+            rule: Some(SegmentRule {
+                node: Some(Node::HasTag(HasTag { tag: "vip".into() })),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment_id;
+    mesh.apply(
+        "name: upgrade\ntrigger: { postback: { exact: upgrade } }\nsteps: [{ id: tag, add_tags: [vip] }]\n",
+    )
+    .await;
+    mesh.apply(&format!(
+        "name: vip welcome\ntrigger: {{ segment_entered: {{ segment_id: '{segment}' }} }}\n\
+         steps: [{{ id: hi, send_messages: {{ messages: [{{ type: text, text: 'welcome, VIP' }}] }} }}]\n"
+    ))
+    .await;
+    let u = user(11);
+    mesh.append(&event(
+        "01SEGMENT000000000000001",
+        &u,
+        Payload::Postback(PostbackEvent {
+            data: "upgrade".into(),
+            ..Default::default()
+        }),
+        "",
+    ))
+    .await;
+    let sim = mesh.sim.sim().clone();
+    until("the VIP welcome", Duration::from_secs(15), || {
+        !sim.lock().sent.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = sim.lock().sent.clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].messages[0]["text"], "welcome, VIP");
+    assert_eq!(sent[0].recipient, u);
+    let runs = mesh.runs_of(&u).await;
+    assert_eq!(runs.len(), 2, "the tap's run and the segment's: {runs:?}");
+}
