@@ -74,6 +74,8 @@ const SCENARIO_CACHE: Duration = Duration::from_secs(1);
 pub struct Peers {
     pub contacts: ContactServiceClient<Intercepted>,
     pub tenants: TenantServiceClient<Intercepted>,
+    pub segments:
+        hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient<Intercepted>,
     pub delivery: DeliveryServiceClient<Intercepted>,
 }
 
@@ -126,7 +128,7 @@ impl From<hibiki_runtime::error::ServiceError> for StepError {
 }
 
 /// A run id derived from what started it, so a replay finds the same run.
-fn run_id(tenant_id: &str, scenario_id: &str, event_id: &str) -> String {
+pub fn run_id(tenant_id: &str, scenario_id: &str, event_id: &str) -> String {
     let mut h = Sha256::new();
     for p in [tenant_id, scenario_id, event_id] {
         h.update((p.len() as u64).to_be_bytes());

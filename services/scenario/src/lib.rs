@@ -129,6 +129,10 @@ impl Service for Application {
                 interceptor.clone(),
             ),
             tenants: hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient::with_interceptor(
+                contacts.clone(),
+                interceptor.clone(),
+            ),
+            segments: hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient::with_interceptor(
                 contacts,
                 interceptor.clone(),
             ),
@@ -143,7 +147,7 @@ impl Service for Application {
         routes.add(ScenarioServiceServer::new(service::ScenarioApi::new(
             scenarios.clone(),
             runs.clone(),
-            peers.tenants.clone(),
+            peers.clone(),
         )));
         let executor = executor::Executor::new(scenarios, runs, peers);
         let log = hibiki_runtime::eventlog::EventLog::from_config(redis, &config.eventlog);

@@ -30,15 +30,83 @@ pub struct ScenarioApi {
     scenarios: Scenarios,
     runs: Runs,
     tenants: Tenants,
+    peers: crate::executor::Peers,
 }
 
 impl ScenarioApi {
-    pub fn new(scenarios: Scenarios, runs: Runs, tenants: Tenants) -> Self {
+    pub fn new(scenarios: Scenarios, runs: Runs, peers: crate::executor::Peers) -> Self {
         Self {
             scenarios,
             runs,
-            tenants,
+            tenants: peers.tenants.clone(),
+            peers,
         }
+    }
+
+    /// The channel a manual run sends from: the scenario's own, or the
+    /// tenant's only channel.
+    async fn manual_channel(
+        &self,
+        tenant_id: &str,
+        definition: &hibiki_proto::scenario::v1::ScenarioDefinition,
+    ) -> Result<String, Status> {
+        if !definition.channel_id.is_empty() {
+            return Ok(definition.channel_id.clone());
+        }
+        let channels = self
+            .peers
+            .tenants
+            .clone()
+            .list_channels(hibiki_proto::contacts::v1::ListChannelsRequest {
+                tenant_id: tenant_id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .channels;
+        match channels.as_slice() {
+            [only] => Ok(only.channel_id.clone()),
+            [] => Err(Status::failed_precondition(format!(
+                "tenant {tenant_id:?} has no LINE channel to send from"
+            ))),
+            _ => Err(Status::failed_precondition(
+                "the tenant has several channels: set channel_id on the scenario",
+            )),
+        }
+    }
+
+    /// Queues a manual run for one contact; true when it is new.
+    async fn start_manual(
+        &self,
+        scenario: &hibiki_proto::scenario::v1::Scenario,
+        channel_id: &str,
+        line_user_id: &str,
+        trigger: String,
+    ) -> Result<(bool, String), Status> {
+        let definition = scenario.definition.as_ref().expect("a stored definition");
+        let run_id = crate::executor::run_id(&scenario.tenant_id, &scenario.scenario_id, &trigger);
+        let new = crate::runs::NewRun {
+            tenant_id: scenario.tenant_id.clone(),
+            run_id: run_id.clone(),
+            scenario_id: scenario.scenario_id.clone(),
+            version: scenario.version,
+            line_user_id: line_user_id.to_owned(),
+            channel_id: channel_id.to_owned(),
+            trigger_event_id: trigger,
+            reply_token: String::new(),
+            reply_until: None,
+            traceparent: hibiki_runtime::telemetry::current_trace_context().traceparent,
+            queued: true,
+        };
+        let reentry = definition
+            .options
+            .as_ref()
+            .map(|o| o.reentry())
+            .unwrap_or_default();
+        Ok(match self.runs.start(&new, reentry).await? {
+            crate::runs::Started::New(_) => (true, run_id),
+            crate::runs::Started::Before(run) => (false, run.run_id),
+            crate::runs::Started::Skipped(_) => (false, String::new()),
+        })
     }
 
     /// NOT_FOUND unless contacts knows the tenant.
@@ -237,8 +305,95 @@ impl ScenarioService for ScenarioApi {
         &self,
         request: Request<StartRunRequest>,
     ) -> Result<Response<StartRunResponse>, Status> {
-        authorize(&request, &request.get_ref().tenant_id)?;
-        Err(not_yet("StartRun"))
+        use hibiki_proto::scenario::v1::{start_run_request, trigger};
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        require_id(&r.scenario_id)?;
+        if r.idempotency_key.is_empty() {
+            return Err(Status::invalid_argument(
+                "idempotency_key: must not be empty",
+            ));
+        }
+        let scenario = self.scenarios.get(&r.tenant_id, &r.scenario_id, 0).await?;
+        if !scenario.enabled {
+            return Err(Status::failed_precondition(format!(
+                "scenario {:?} is disabled",
+                r.scenario_id
+            )));
+        }
+        let definition = scenario.definition.clone().unwrap_or_default();
+        if !matches!(
+            definition.trigger.as_ref().and_then(|t| t.kind.as_ref()),
+            Some(trigger::Kind::Manual(_))
+        ) {
+            return Err(Status::failed_precondition(format!(
+                "scenario {:?} has no manual trigger",
+                r.scenario_id
+            )));
+        }
+        let channel = self.manual_channel(&r.tenant_id, &definition).await?;
+        let key = &r.idempotency_key;
+        match &r.target {
+            None => Err(Status::invalid_argument(
+                "target: line_user_id or segment_id must be set",
+            )),
+            Some(start_run_request::Target::LineUserId(user)) => {
+                // The contact must exist.
+                self.peers
+                    .contacts
+                    .clone()
+                    .get_contact(hibiki_proto::contacts::v1::GetContactRequest {
+                        contact: Some(hibiki_proto::common::v1::ContactRef {
+                            tenant_id: r.tenant_id.clone(),
+                            line_user_id: user.clone(),
+                        }),
+                    })
+                    .await?;
+                let (new, run_id) = self
+                    .start_manual(&scenario, &channel, user, format!("manual:{key}"))
+                    .await?;
+                Ok(Response::new(StartRunResponse {
+                    started: i64::from(new),
+                    run_id,
+                }))
+            }
+            Some(start_run_request::Target::SegmentId(segment)) => {
+                let mut started = 0;
+                let mut token = String::new();
+                loop {
+                    let page = self
+                        .peers
+                        .segments
+                        .clone()
+                        .list_segment_members(
+                            hibiki_proto::contacts::v1::ListSegmentMembersRequest {
+                                tenant_id: r.tenant_id.clone(),
+                                segment_id: segment.clone(),
+                                page: Some(hibiki_proto::common::v1::PageRequest {
+                                    page_size: 1000,
+                                    page_token: token,
+                                }),
+                            },
+                        )
+                        .await?
+                        .into_inner();
+                    for user in &page.line_user_ids {
+                        let (new, _) = self
+                            .start_manual(&scenario, &channel, user, format!("manual:{key}:{user}"))
+                            .await?;
+                        started += i64::from(new);
+                    }
+                    token = page.page.map(|p| p.next_page_token).unwrap_or_default();
+                    if token.is_empty() {
+                        break;
+                    }
+                }
+                Ok(Response::new(StartRunResponse {
+                    started,
+                    run_id: String::new(),
+                }))
+            }
+        }
     }
 
     async fn list_runs(

@@ -689,3 +689,123 @@ async fn entering_a_segment_starts_the_scenarios_it_triggers() {
     let runs = mesh.runs_of(&u).await;
     assert_eq!(runs.len(), 2, "the tap's run and the segment's: {runs:?}");
 }
+
+#[tokio::test]
+async fn a_manual_start_runs_for_a_contact_or_every_member_of_a_segment_once() {
+    use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
+    use hibiki_proto::contacts::v1::{
+        CreateSegmentRequest, HasTag, SegmentRule, UpsertContactRequest, segment_rule::Node,
+    };
+    use hibiki_proto::scenario::v1::{DisableRequest, StartRunRequest, start_run_request};
+    let mesh = mesh().await;
+    let mut contacts = ContactServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN));
+    for n in 20..23 {
+        contacts
+            .upsert_contact(UpsertContactRequest {
+                contact: Some(ContactRef {
+                    tenant_id: "acme".into(),
+                    line_user_id: user(n),
+                }),
+                add_tags: vec!["newsletter".into()],
+                idempotency_key: format!("seed{n}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let segment = SegmentServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN))
+        .create_segment(CreateSegmentRequest {
+            tenant_id: "acme".into(),
+            name: "newsletter".into(),
+            description: String::new(),
+            rule: Some(SegmentRule {
+                node: Some(Node::HasTag(HasTag {
+                    tag: "newsletter".into(),
+                })),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment_id;
+    let id = mesh
+        .apply(
+            "name: issue 12\ntrigger: { manual: {} }\n\
+             steps: [{ id: send, send_messages: { messages: [{ type: text, text: 'issue 12' }] } }]\n\
+             options: { reentry: every_time }\n",
+        )
+        .await;
+    let start = |target: start_run_request::Target, key: &str| StartRunRequest {
+        tenant_id: "acme".into(),
+        scenario_id: id.clone(),
+        target: Some(target),
+        idempotency_key: key.into(),
+    };
+    let mut client = mesh.client();
+    let all = client
+        .start_run(start(
+            start_run_request::Target::SegmentId(segment.clone()),
+            "issue-12",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.started, 3);
+    let again = client
+        .start_run(start(
+            start_run_request::Target::SegmentId(segment),
+            "issue-12",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.started, 0, "the same key starts nothing twice");
+    let one = client
+        .start_run(start(
+            start_run_request::Target::LineUserId(user(20)),
+            "resend-20",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.started, 1);
+    assert!(one.run_id.starts_with("run_"));
+    let sim = mesh.sim.sim().clone();
+    until("four sends", Duration::from_secs(15), || {
+        sim.lock().sent.len() >= 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.lock().sent.len(), 4);
+
+    let e = client
+        .start_run(start(
+            start_run_request::Target::LineUserId(user(99)),
+            "nobody",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let tap = mesh.apply(SPRING).await;
+    let e = client
+        .start_run(StartRunRequest {
+            scenario_id: tap,
+            ..start(start_run_request::Target::LineUserId(user(20)), "x")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    client
+        .disable(DisableRequest {
+            tenant_id: "acme".into(),
+            scenario_id: id.clone(),
+            stop_running: false,
+        })
+        .await
+        .unwrap();
+    let e = client
+        .start_run(start(start_run_request::Target::LineUserId(user(20)), "y"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+}
