@@ -235,6 +235,55 @@ impl Runs {
         Ok(Started::New(run))
     }
 
+    /// Why `policy` (or an earlier run of this event) would keep a new run
+    /// from starting; `None` when it would start. Reads only.
+    pub async fn would_not_start(
+        &self,
+        tenant_id: &str,
+        scenario_id: &str,
+        line_user_id: &str,
+        trigger_event_id: &str,
+        policy: ReentryPolicy,
+    ) -> Result<Option<String>> {
+        if !trigger_event_id.is_empty() {
+            let before: Option<(String,)> = sqlx::query_as(
+                "SELECT run_id FROM runs
+                  WHERE tenant_id = $1 AND scenario_id = $2 AND trigger_event_id = $3",
+            )
+            .bind(tenant_id)
+            .bind(scenario_id)
+            .bind(trigger_event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some((run,)) = before {
+                return Ok(Some(format!("this event started run {run} before")));
+            }
+        }
+        let active_only = match policy {
+            ReentryPolicy::EveryTime => return Ok(None),
+            ReentryPolicy::Once => false,
+            ReentryPolicy::NotWhileRunning => true,
+        };
+        let other: Option<(String,)> = sqlx::query_as(
+            "SELECT run_id FROM runs
+              WHERE tenant_id = $1 AND scenario_id = $2 AND line_user_id = $3
+                AND (NOT $4 OR status IN ('running', 'waiting')) LIMIT 1",
+        )
+        .bind(tenant_id)
+        .bind(scenario_id)
+        .bind(line_user_id)
+        .bind(active_only)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(other.map(|(run,)| {
+            if active_only {
+                format!("re-entry policy NOT_WHILE_RUNNING: run {run} is active")
+            } else {
+                format!("re-entry policy ONCE: the contact ran it before ({run})")
+            }
+        }))
+    }
+
     /// Takes over a run this executor may continue: one whose lease has
     /// passed (a waiting run that is due, or a running one whose executor
     /// stopped), claimed for a new lease. `None` when another holds it.

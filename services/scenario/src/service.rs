@@ -1,6 +1,5 @@
 //! `ScenarioService`: definitions in (checked, versioned), definitions out;
-//! runs of a contact or a scenario. Dry runs and manual starts are not built
-//! yet.
+//! runs of a contact or a scenario; manual starts; dry runs.
 
 use hibiki_proto::contacts::v1::GetTenantRequest;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
@@ -41,6 +40,129 @@ impl ScenarioApi {
             tenants: peers.tenants.clone(),
             peers,
         }
+    }
+
+    /// The steps a run would take before its first wait or its end, in
+    /// words; branches are decided on the contact as it is now (read from
+    /// contacts), nothing is changed.
+    async fn plan(
+        &self,
+        tenant_id: &str,
+        user: &str,
+        program: &crate::program::Program,
+        can_reply: bool,
+    ) -> Result<Vec<(String, String)>, Status> {
+        use crate::program::Op;
+        use hibiki_proto::scenario::v1::{step, switch_rich_menu_action, wait_action};
+        let mut contact = None;
+        let mut steps = Vec::new();
+        let mut reply = can_reply;
+        let mut pc = 0;
+        while let Some(op) = program.ops.get(pc) {
+            if steps.len() > crate::definition::MAX_STEPS {
+                break;
+            }
+            match op {
+                Op::Jump(to) => {
+                    pc = *to;
+                    continue;
+                }
+                Op::Branch {
+                    step_id,
+                    condition,
+                    otherwise,
+                } => {
+                    if contact.is_none() {
+                        contact = Some(
+                            self.peers
+                                .contacts
+                                .clone()
+                                .get_contact(hibiki_proto::contacts::v1::GetContactRequest {
+                                    contact: Some(hibiki_proto::common::v1::ContactRef {
+                                        tenant_id: tenant_id.to_owned(),
+                                        line_user_id: user.to_owned(),
+                                    }),
+                                })
+                                .await
+                                .map(|c| c.into_inner())
+                                // A contact not seen yet has no tags.
+                                .unwrap_or_default(),
+                        );
+                    }
+                    let holds = crate::conditions::holds(
+                        condition,
+                        contact.as_ref().expect("just read"),
+                        &Default::default(),
+                    );
+                    steps.push((
+                        step_id.clone(),
+                        format!(
+                            "branch: the condition {} (then the {} steps)",
+                            if holds { "holds" } else { "does not hold" },
+                            if holds { "`then`" } else { "`else`" }
+                        ),
+                    ));
+                    pc = if holds { pc + 1 } else { *otherwise };
+                    continue;
+                }
+                Op::Step(s) => {
+                    let (description, last) = match &s.action {
+                        Some(step::Action::AddTags(t)) => {
+                            (format!("add tags {}", t.tags.join(", ")), false)
+                        }
+                        Some(step::Action::RemoveTags(t)) => {
+                            (format!("remove tags {}", t.tags.join(", ")), false)
+                        }
+                        Some(step::Action::SetAttributes(a)) => {
+                            let mut keys: Vec<&str> = a.set.keys().map(String::as_str).collect();
+                            keys.sort_unstable();
+                            (format!("set attributes {}", keys.join(", ")), false)
+                        }
+                        Some(step::Action::SwitchRichMenu(m)) => (
+                            match &m.menu {
+                                Some(switch_rich_menu_action::Menu::Alias(a)) => {
+                                    format!("switch the rich menu to alias {a}")
+                                }
+                                Some(switch_rich_menu_action::Menu::RichMenuId(id)) => {
+                                    format!("switch the rich menu to {id}")
+                                }
+                                None => "switch the rich menu".into(),
+                            },
+                            false,
+                        ),
+                        Some(step::Action::SendMessages(m)) => {
+                            let how = if reply { "as a reply" } else { "as a push" };
+                            reply = false;
+                            (
+                                format!("send {} message(s) {how}", m.messages_json.len()),
+                                false,
+                            )
+                        }
+                        Some(step::Action::Wait(w)) => (
+                            match &w.until {
+                                Some(wait_action::Until::Duration(d)) => {
+                                    format!("wait {} s (the plan ends here)", d.seconds)
+                                }
+                                Some(wait_action::Until::TimeOfDay(t)) => format!(
+                                    "wait until {:02}:{:02} in the tenant's time zone (the plan ends here)",
+                                    t.hour, t.minute
+                                ),
+                                None => "wait".into(),
+                            },
+                            true,
+                        ),
+                        Some(step::Action::Stop(_)) => ("stop".into(), true),
+                        _ => ("(unknown step)".into(), true),
+                    };
+                    steps.push((s.id.clone(), description));
+                    if last {
+                        break;
+                    }
+                    pc += 1;
+                }
+            }
+        }
+        Ok(steps)
     }
 
     /// The channel a manual run sends from: the scenario's own, or the
@@ -162,13 +284,6 @@ fn decode_token(token: &str) -> Option<String> {
 
 fn bad_token() -> Status {
     Status::invalid_argument("page.page_token: not a token issued by this listing")
-}
-
-/// What the executor does not do yet, answered plainly.
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not built yet (the executor runs webhook-triggered scenarios only)"
-    ))
 }
 
 #[tonic::async_trait]
@@ -297,8 +412,76 @@ impl ScenarioService for ScenarioApi {
         &self,
         request: Request<DryRunRequest>,
     ) -> Result<Response<DryRunResponse>, Status> {
-        authorize(&request, &request.get_ref().tenant_id)?;
-        Err(not_yet("DryRun"))
+        use hibiki_proto::scenario::v1::{PlannedRun, PlannedStep, SkippedScenario};
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        let event = r
+            .event
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("event: must be set"))?;
+        if event.tenant_id != r.tenant_id {
+            return Err(Status::invalid_argument(
+                "event.tenant_id: must be the request's tenant",
+            ));
+        }
+        let user = event
+            .source
+            .as_ref()
+            .map(|s| s.user_id.clone())
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| Status::invalid_argument("event.source.user_id: must be set"))?;
+        self.require_tenant(&r.tenant_id).await?;
+        let mut response = DryRunResponse::default();
+        for scenario in self.scenarios.enabled(&r.tenant_id).await? {
+            if !r.scenario_id.is_empty() && scenario.scenario_id != r.scenario_id {
+                continue;
+            }
+            let definition = scenario.definition.clone().unwrap_or_default();
+            let Ok(matcher) = crate::matching::Matcher::new(&definition) else {
+                continue;
+            };
+            if !matcher.matches(event) {
+                continue;
+            }
+            let policy = definition
+                .options
+                .as_ref()
+                .map(|o| o.reentry())
+                .unwrap_or_default();
+            if let Some(reason) = self
+                .runs
+                .would_not_start(
+                    &r.tenant_id,
+                    &scenario.scenario_id,
+                    &user,
+                    &event.webhook_event_id,
+                    policy,
+                )
+                .await?
+            {
+                response.skipped.push(SkippedScenario {
+                    scenario_id: scenario.scenario_id.clone(),
+                    reason,
+                });
+                continue;
+            }
+            let program = crate::program::Program::compile(&definition);
+            let steps = self
+                .plan(&r.tenant_id, &user, &program, !event.reply_token.is_empty())
+                .await?;
+            response.runs.push(PlannedRun {
+                scenario_id: scenario.scenario_id.clone(),
+                version: scenario.version,
+                steps: steps
+                    .into_iter()
+                    .map(|(step_id, description)| PlannedStep {
+                        step_id,
+                        description,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Response::new(response))
     }
 
     async fn start_run(

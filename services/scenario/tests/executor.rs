@@ -809,3 +809,58 @@ async fn a_manual_start_runs_for_a_contact_or_every_member_of_a_segment_once() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn a_dry_run_shows_what_an_event_would_do_and_does_nothing() {
+    use hibiki_proto::scenario::v1::DryRunRequest;
+    let mesh = mesh().await;
+    let id = mesh.apply(SPRING).await;
+    let u = user(30);
+    let tap_event = tap("01DRY0000000000000000001", &u, "reply-token");
+    let plan = mesh
+        .client()
+        .dry_run(DryRunRequest {
+            tenant_id: "acme".into(),
+            event: Some(tap_event.clone()),
+            scenario_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plan.runs.len(), 1, "{plan:?}");
+    assert_eq!(plan.runs[0].scenario_id, id);
+    let steps: Vec<(&str, &str)> = plan.runs[0]
+        .steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.description.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("tag", "add tags campaign:spring"),
+            ("menu", "switch the rich menu to alias campaign"),
+            ("thanks", "send 1 message(s) as a reply"),
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(mesh.tags(&u).await.is_empty(), "a dry run changes nothing");
+    assert!(mesh.sim.sim().lock().sent.is_empty());
+    assert!(mesh.runs_of(&u).await.is_empty());
+
+    // After a real run, the re-entry policy would keep the next tap out.
+    mesh.append(&tap_event).await;
+    until_run(&mesh, &u, RunStatus::Completed).await;
+    let plan = mesh
+        .client()
+        .dry_run(DryRunRequest {
+            tenant_id: "acme".into(),
+            event: Some(tap("01DRY0000000000000000002", &u, "")),
+            scenario_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plan.runs.is_empty());
+    assert_eq!(plan.skipped.len(), 1);
+    assert!(plan.skipped[0].reason.contains("ONCE"), "{plan:?}");
+}

@@ -5,6 +5,8 @@
 //! hibiki scenario list --tenant demo
 //! hibiki scenario versions --tenant demo sc_3f2a…
 //! hibiki scenario enable|disable --tenant demo sc_3f2a…
+//! hibiki scenario dry-run --tenant demo --user U… --postback 'action=join&campaign=spring'
+//! hibiki scenario dry-run --tenant demo --file webhook.json   # a LINE webhook body
 //! ```
 //!
 //! `apply` prints the scenario's id and version (an unchanged definition
@@ -76,6 +78,33 @@ enum ScenarioCommand {
         tenant: String,
         /// The scenario id.
         scenario_id: String,
+    },
+    /// Show what an event would do, without doing it.
+    DryRun {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The channel the event comes in on.
+        #[arg(long, default_value = "1000000001")]
+        channel: String,
+        /// Only this scenario (its id).
+        #[arg(long)]
+        scenario_id: Option<String>,
+        /// A LINE webhook body (`{"destination", "events": [...]}`): its first event.
+        #[arg(long, conflicts_with_all = ["postback", "text", "follow"])]
+        file: Option<PathBuf>,
+        /// The user the event is from (with --postback, --text or --follow).
+        #[arg(long)]
+        user: Option<String>,
+        /// A tap with this postback data.
+        #[arg(long)]
+        postback: Option<String>,
+        /// A text message.
+        #[arg(long)]
+        text: Option<String>,
+        /// A follow.
+        #[arg(long)]
+        follow: bool,
     },
     /// Stop a scenario from starting runs.
     Disable {
@@ -195,6 +224,56 @@ async fn run_command(client: &mut Client, command: &ScenarioCommand) -> Result<(
                 .into_inner();
             println!("{}", line(&s));
         }
+        ScenarioCommand::DryRun {
+            tenant,
+            channel,
+            scenario_id,
+            file,
+            user,
+            postback,
+            text,
+            follow,
+        } => {
+            let mut event = match file {
+                Some(path) => {
+                    let body =
+                        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    hibiki_gateway::line::parse(&body)
+                        .map_err(|e| format!("{}: {e}", path.display()))?
+                        .events
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| format!("{}: no events", path.display()))?
+                }
+                None => dry_run_event(user.as_deref(), postback, text, *follow)?,
+            };
+            event.tenant_id = tenant.clone();
+            event.channel_id = channel.clone();
+            let plan = client
+                .dry_run(hibiki_proto::scenario::v1::DryRunRequest {
+                    tenant_id: tenant.clone(),
+                    event: Some(event),
+                    scenario_id: scenario_id.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if plan.runs.is_empty() && plan.skipped.is_empty() {
+                println!("no scenario of tenant {tenant:?} starts on this event");
+            }
+            for run in &plan.runs {
+                println!("would start {} (v{}):", run.scenario_id, run.version);
+                for step in &run.steps {
+                    println!("  {}: {}", step.step_id, step.description);
+                }
+            }
+            for skipped in &plan.skipped {
+                println!(
+                    "would not start {}: {}",
+                    skipped.scenario_id, skipped.reason
+                );
+            }
+        }
         ScenarioCommand::Disable {
             tenant,
             scenario_id,
@@ -212,6 +291,63 @@ async fn run_command(client: &mut Client, command: &ScenarioCommand) -> Result<(
         }
     }
     Ok(())
+}
+
+/// An event built from the dry-run flags.
+fn dry_run_event(
+    user: Option<&str>,
+    postback: &Option<String>,
+    text: &Option<String>,
+    follow: bool,
+) -> Result<hibiki_proto::common::v1::InboundEvent, String> {
+    use hibiki_proto::common::v1::inbound_event::Payload;
+    use hibiki_proto::common::v1::message_content::Content;
+    use hibiki_proto::common::v1::{
+        FollowEvent, InboundEvent, MessageContent, MessageEvent, PostbackEvent, Source, SourceType,
+        TextMessage,
+    };
+    let user = user.ok_or("--user is needed with --postback, --text or --follow")?;
+    let (kind, payload) = match (postback, text, follow) {
+        (Some(data), None, false) => (
+            "postback",
+            Payload::Postback(PostbackEvent {
+                data: data.clone(),
+                ..Default::default()
+            }),
+        ),
+        (None, Some(t), false) => (
+            "message",
+            Payload::Message(MessageEvent {
+                message: Some(MessageContent {
+                    content: Some(Content::Text(TextMessage {
+                        text: t.clone(),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }),
+            }),
+        ),
+        (None, None, true) => (
+            "follow",
+            Payload::Follow(FollowEvent {
+                is_unblocked: false,
+            }),
+        ),
+        _ => return Err("one of --file, --postback, --text or --follow".into()),
+    };
+    Ok(InboundEvent {
+        webhook_event_id: format!("dry-run-{}", chrono::Utc::now().timestamp_micros()),
+        r#type: kind.into(),
+        timestamp_ms: chrono::Utc::now().timestamp_millis(),
+        source: Some(Source {
+            r#type: SourceType::User as i32,
+            user_id: user.into(),
+            ..Default::default()
+        }),
+        reply_token: "dry-run".into(),
+        payload: Some(payload),
+        ..Default::default()
+    })
 }
 
 pub async fn run(args: ScenarioArgs) -> ExitCode {

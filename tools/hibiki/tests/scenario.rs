@@ -114,6 +114,41 @@ async fn scenario_apply_list_and_versions() {
     assert!(ok);
     assert!(out.contains("disabled"), "{out}");
 
+    // A dry run of a tap: the steps it would take, nothing done.
+    let (ok, _, _) = hibiki(
+        &[
+            &["scenario", "enable", "--tenant", "acme", &id][..],
+            &common,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(ok);
+    let (ok, out, err) = hibiki(
+        &[
+            &[
+                "scenario",
+                "dry-run",
+                "--tenant",
+                "acme",
+                "--user",
+                &format!("U{:032x}", 5),
+                "--postback",
+                "action=join&campaign=spring",
+            ][..],
+            &common,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("would start {id} (v2):")), "{out}");
+    assert!(out.contains("  tag: add tags campaign:spring"), "{out}");
+    assert!(
+        out.contains("  thanks: send 1 message(s) as a reply"),
+        "{out}"
+    );
+
     // A bad file: the path of the bad field, exit 1.
     let bad = std::env::temp_dir().join(format!("hibiki-scenario-{}.yaml", random_id()));
     std::fs::write(
