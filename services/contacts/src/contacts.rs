@@ -462,7 +462,22 @@ impl ContactService for Contacts {
         let caller = Caller::of(&request)?;
         let (tenant, user) = contact_ref(request.get_ref().contact.as_ref())?;
         caller.authorize_tenant(&tenant)?;
-        Ok(Response::new(self.fetch_contact(&tenant, &user).await?))
+        let mut contact = self.fetch_contact(&tenant, &user).await?;
+        // The segments it is in: the numbers on its row, as ids (a deleted
+        // segment's number may linger on the row; it matches nothing).
+        let ids: Vec<(String,)> = sqlx::query_as(
+            "SELECT s.segment_id FROM contacts c
+               JOIN segments s ON s.tenant_id = c.tenant_id AND s.no = ANY(c.segs)
+              WHERE c.tenant_id = $1 AND c.line_user_id = $2
+              ORDER BY s.segment_id",
+        )
+        .bind(&tenant)
+        .bind(&user)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)?;
+        contact.segment_ids = ids.into_iter().map(|(id,)| id).collect();
+        Ok(Response::new(contact))
     }
 
     async fn list_contacts(

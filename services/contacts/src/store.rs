@@ -110,6 +110,8 @@ impl ContactRow {
                 .collect(),
             created_at: Some(to_proto(self.created_at)),
             updated_at: Some(to_proto(self.updated_at)),
+            // Filled by GetContact alone.
+            segment_ids: Vec::new(),
         }
     }
 }

@@ -291,6 +291,16 @@ async fn mutations_are_idempotent_and_report_the_membership_changes_they_caused(
     assert!(again.replayed);
     assert_eq!(again.membership_changes, [entered]);
     assert_eq!(count(&c, &spring).await, 1);
+    // GetContact names the segments the contact is in.
+    let member = c
+        .contacts()
+        .get_contact(GetContactRequest {
+            contact: contact(T, 1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(member.segment_ids, [spring.clone()]);
 
     let removed = c
         .contacts()

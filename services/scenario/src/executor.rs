@@ -26,8 +26,6 @@
 //! Membership changes contacts reports (after an event, or after a step's
 //! tags or attributes) start the scenarios triggered by entering or leaving
 //! that segment; those runs are queued for the timer loop.
-//!
-//! Not yet: `in_segment` conditions (a run reaching one fails, saying so).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,9 +42,7 @@ use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{
     LinkRichMenuRequest, SendRequest, link_rich_menu_request, send_request,
 };
-use hibiki_proto::scenario::v1::{
-    ReentryPolicy, condition, step, switch_rich_menu_action, wait_action,
-};
+use hibiki_proto::scenario::v1::{ReentryPolicy, step, switch_rich_menu_action, wait_action};
 use hibiki_runtime::Shutdown;
 use hibiki_runtime::eventlog::{Consumer, ConsumerConfig, EventLog};
 use hibiki_runtime::grpc::ClientInterceptor;
@@ -567,11 +563,6 @@ impl Executor {
         run: &RunRow,
         c: &hibiki_proto::scenario::v1::Condition,
     ) -> Result<bool, StepError> {
-        if uses_segments(c) {
-            return Err(StepError::Permanent(
-                "in_segment conditions are not evaluated yet".into(),
-            ));
-        }
         let contact = self
             .peers
             .contacts
@@ -581,7 +572,8 @@ impl Executor {
             })
             .await?
             .into_inner();
-        Ok(conditions::holds(c, &contact, &Default::default()))
+        let segments = contact.segment_ids.iter().cloned().collect();
+        Ok(conditions::holds(c, &contact, &segments))
     }
 
     /// Runs one step; the next counter, or `None` when the run parked or
@@ -783,16 +775,5 @@ impl Executor {
             .expect("zones")
             .insert(tenant_id.to_owned(), zone.clone());
         Ok(zone)
-    }
-}
-
-fn uses_segments(c: &hibiki_proto::scenario::v1::Condition) -> bool {
-    match &c.node {
-        Some(condition::Node::InSegment(_)) => true,
-        Some(condition::Node::All(l)) | Some(condition::Node::Any(l)) => {
-            l.conditions.iter().any(uses_segments)
-        }
-        Some(condition::Node::Not(inner)) => uses_segments(inner),
-        _ => false,
     }
 }

@@ -89,11 +89,9 @@ impl ScenarioApi {
                                 .unwrap_or_default(),
                         );
                     }
-                    let holds = crate::conditions::holds(
-                        condition,
-                        contact.as_ref().expect("just read"),
-                        &Default::default(),
-                    );
+                    let known = contact.as_ref().expect("just read");
+                    let segments = known.segment_ids.iter().cloned().collect();
+                    let holds = crate::conditions::holds(condition, known, &segments);
                     steps.push((
                         step_id.clone(),
                         format!(

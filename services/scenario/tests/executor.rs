@@ -864,3 +864,60 @@ async fn a_dry_run_shows_what_an_event_would_do_and_does_nothing() {
     assert_eq!(plan.skipped.len(), 1);
     assert!(plan.skipped[0].reason.contains("ONCE"), "{plan:?}");
 }
+
+#[tokio::test]
+async fn a_branch_on_segment_membership_takes_the_way_the_contact_is_in() {
+    use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
+    use hibiki_proto::contacts::v1::{
+        CreateSegmentRequest, HasTag, SegmentRule, UpsertContactRequest, segment_rule::Node,
+    };
+    let mesh = mesh().await;
+    let segment = SegmentServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN))
+        .create_segment(CreateSegmentRequest {
+            tenant_id: "acme".into(),
+            name: "gold".into(),
+            description: String::new(),
+            rule: Some(SegmentRule {
+                node: Some(Node::HasTag(HasTag { tag: "gold".into() })),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment_id;
+    ContactServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN))
+        .upsert_contact(UpsertContactRequest {
+            contact: Some(ContactRef {
+                tenant_id: "acme".into(),
+                line_user_id: user(40),
+            }),
+            add_tags: vec!["gold".into()],
+            idempotency_key: "seed40".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    mesh.apply(&format!(
+        "name: check\ntrigger: {{ postback: {{ exact: check }} }}\nsteps:\n\
+         - id: which\n  branch:\n    if: {{ in_segment: '{segment}' }}\n\
+         \x20   then: [{{ id: inside, add_tags: [inside] }}]\n\
+         \x20   else: [{{ id: outside, add_tags: [outside] }}]\n"
+    ))
+    .await;
+    for (i, n) in [40u64, 41].iter().enumerate() {
+        mesh.append(&event(
+            &format!("01INSEG00000000000000000{i}"),
+            &user(*n),
+            Payload::Postback(PostbackEvent {
+                data: "check".into(),
+                ..Default::default()
+            }),
+            "",
+        ))
+        .await;
+    }
+    until_run(&mesh, &user(40), RunStatus::Completed).await;
+    until_run(&mesh, &user(41), RunStatus::Completed).await;
+    assert_eq!(mesh.tags(&user(40)).await, ["gold", "inside"]);
+    assert_eq!(mesh.tags(&user(41)).await, ["outside"]);
+}
