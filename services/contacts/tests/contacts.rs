@@ -300,7 +300,7 @@ async fn mutations_are_idempotent_and_report_the_membership_changes_they_caused(
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(member.segment_ids, [spring.clone()]);
+    assert_eq!(member.segment_ids, std::slice::from_ref(&spring));
 
     let removed = c
         .contacts()
