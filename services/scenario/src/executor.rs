@@ -3,10 +3,11 @@
 //! continues waiting runs when they are due and takes over runs an executor
 //! left behind.
 //!
-//! - **Order.** A batch from the log is handled event by event, each run
-//!   walked to its first wait or its end before the next event: what a
-//!   scenario did is visible to the user's next event. The batch is
-//!   acknowledged after, so a crash replays it.
+//! - **Order.** A batch from the log is handled user by user, side by side,
+//!   and each user's events in order, each run walked to its first wait or
+//!   its end before the user's next event: what a scenario did is visible to
+//!   the user's next event. The batch is acknowledged after, so a crash
+//!   replays it.
 //! - **Once.** A run starts at most once per triggering event (a unique
 //!   index), and every contacts or delivery call of a step carries
 //!   `<run>:<step>` as its idempotency key: a replayed step changes nothing
@@ -250,24 +251,40 @@ impl Executor {
                 }
                 Err(s) => return Err(format!("contacts ApplyEvents: {}", s.message())),
             };
+            // Users go on side by side; each user's events in order.
+            let mut per_user: Vec<(&str, Vec<&InboundEvent>)> = Vec::new();
             for (k, event) in events[i..j].iter().enumerate() {
                 if refused.contains(&k) {
                     continue;
                 }
-                self.trigger(event).await.map_err(|e| e.to_string())?;
-                if let Some(result) = results
-                    .iter()
-                    .find(|r| r.webhook_event_id == event.webhook_event_id)
-                {
-                    self.membership(
-                        &event.tenant_id,
-                        &event.channel_id,
-                        &event.webhook_event_id,
-                        &result.membership_changes,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let user = user_of(event).unwrap_or("");
+                match per_user.iter_mut().find(|(u, _)| *u == user) {
+                    Some((_, list)) => list.push(event),
+                    None => per_user.push((user, vec![event])),
                 }
+            }
+            let results = &results;
+            let work = per_user.into_iter().map(|(_, list)| async move {
+                for event in list {
+                    self.trigger(event).await.map_err(|e| e.to_string())?;
+                    if let Some(result) = results
+                        .iter()
+                        .find(|r| r.webhook_event_id == event.webhook_event_id)
+                    {
+                        self.membership(
+                            &event.tenant_id,
+                            &event.channel_id,
+                            &event.webhook_event_id,
+                            &result.membership_changes,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok::<(), String>(())
+            });
+            for outcome in futures::future::join_all(work).await {
+                outcome?;
             }
             i = j;
         }
