@@ -161,20 +161,31 @@ impl Executor {
         })
     }
 
-    /// Runs the log consumer and the timer loop until `shutdown`.
+    /// Runs `consumers` log consumers (the group spreads the log's shards
+    /// over them: each shard is read by one, in order, and the consumers
+    /// work side by side) and the timer loop, until `shutdown`.
     pub fn start(
         self: &Arc<Self>,
         log: EventLog,
+        consumers: usize,
         shutdown: Shutdown,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        vec![
-            tokio::spawn(self.clone().consume(log, shutdown.clone())),
-            tokio::spawn(self.clone().timers(shutdown)),
-        ]
+        let base = ConsumerConfig::new("scenario");
+        let mut tasks: Vec<_> = (0..consumers.max(1))
+            .map(|i| {
+                let config = ConsumerConfig {
+                    name: format!("{}-{i}", base.name),
+                    ..base.clone()
+                };
+                tokio::spawn(self.clone().consume(log.clone(), config, shutdown.clone()))
+            })
+            .collect();
+        tasks.push(tokio::spawn(self.clone().timers(shutdown)));
+        tasks
     }
 
-    async fn consume(self: Arc<Self>, log: EventLog, shutdown: Shutdown) {
-        let consumer = Consumer::start(log, ConsumerConfig::new("scenario"));
+    async fn consume(self: Arc<Self>, log: EventLog, config: ConsumerConfig, shutdown: Shutdown) {
+        let consumer = Consumer::start(log, config);
         loop {
             let batch = tokio::select! {
                 () = shutdown.cancelled() => break,

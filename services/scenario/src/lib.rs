@@ -61,6 +61,10 @@ pub struct Config {
     /// works on; a run of an executor that stopped is taken up after it.
     /// Default 30,000.
     pub lease: std::time::Duration,
+    /// `HIBIKI_SCENARIO_CONSUMERS`: event-log consumers per replica, working
+    /// side by side on the shards they hold. Default 16 (one per shard of
+    /// the default log).
+    pub consumers: usize,
 }
 
 impl Config {
@@ -84,6 +88,7 @@ impl Config {
                 "HIBIKI_SCENARIO_LEASE_MS",
                 std::time::Duration::from_secs(30),
             )?,
+            consumers: r.positive("HIBIKI_SCENARIO_CONSUMERS", 16)?,
         })
     }
 }
@@ -94,6 +99,7 @@ pub struct Application {
     routes: GrpcRoutes,
     executor: std::sync::Arc<executor::Executor>,
     log: hibiki_runtime::eventlog::EventLog,
+    consumers: usize,
     migrated: hibiki_runtime::Migrated,
 }
 
@@ -157,6 +163,7 @@ impl Service for Application {
             routes,
             executor,
             log,
+            consumers: config.consumers,
             migrated,
         })
     }
@@ -173,10 +180,11 @@ impl Service for Application {
         let tasks = shutdown.child();
         let (executor, log, migrated, stop) =
             (self.executor, self.log, self.migrated, tasks.clone());
+        let consumers = self.consumers;
         let started = tokio::spawn(async move {
             // Runs live in PostgreSQL: wait for the schema.
             migrated.wait().await;
-            executor.start(log, stop)
+            executor.start(log, consumers, stop)
         });
         let result = self.host.run(self.routes, shutdown).await;
         tasks.trigger();
