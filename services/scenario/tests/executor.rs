@@ -921,3 +921,47 @@ async fn a_branch_on_segment_membership_takes_the_way_the_contact_is_in() {
     assert_eq!(mesh.tags(&user(40)).await, ["gold", "inside"]);
     assert_eq!(mesh.tags(&user(41)).await, ["outside"]);
 }
+
+#[tokio::test]
+async fn a_run_finishes_on_the_version_it_started_with() {
+    let mesh = mesh().await;
+    let v1 = "name: pinned\ntrigger: { follow: {} }\nsteps:\n\
+              - { id: pause, wait: { duration: 2s } }\n\
+              - { id: say, send_messages: { messages: [{ type: text, text: one }] } }\n";
+    mesh.apply(v1).await;
+    let u = user(50);
+    mesh.append(&event(
+        "01PIN0000000000000000001",
+        &u,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    let waiting = until_run(&mesh, &u, RunStatus::Waiting).await;
+    assert_eq!(waiting.version, 1);
+    // Version 2 changes the message while the run waits.
+    mesh.apply(&v1.replace("text: one", "text: two")).await;
+    let done = until_run(&mesh, &u, RunStatus::Completed).await;
+    assert_eq!(done.version, 1);
+    let sim = mesh.sim.sim().clone();
+    until("the message", Duration::from_secs(10), || {
+        !sim.lock().sent.is_empty()
+    })
+    .await;
+    assert_eq!(sim.lock().sent[0].messages[0]["text"], "one");
+    // A new run starts on version 2.
+    let u2 = user(51);
+    mesh.append(&event(
+        "01PIN0000000000000000002",
+        &u2,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    let second = until_run(&mesh, &u2, RunStatus::Waiting).await;
+    assert_eq!(second.version, 2);
+}
