@@ -68,6 +68,18 @@ impl Caller {
         }
     }
 
+    /// OK when the request's caller may act on `tenant_id`, which must be
+    /// set (INVALID_ARGUMENT otherwise).
+    pub fn authorize_request<T>(
+        request: &tonic::Request<T>,
+        tenant_id: &str,
+    ) -> Result<(), Status> {
+        if tenant_id.is_empty() {
+            return Err(Status::invalid_argument("tenant_id: must not be empty"));
+        }
+        Caller::of(request)?.authorize_tenant(tenant_id)
+    }
+
     /// OK for service tokens only (calls that return credentials or span
     /// tenants); PERMISSION_DENIED for operators.
     pub fn require_service(&self) -> Result<(), Status> {

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use hibiki_proto::delivery::v1::{DeadLetter, QueuedCall};
-use hibiki_runtime::timestamp;
+use hibiki_runtime::{page, timestamp};
 use prost::Message;
 use sqlx::PgPool;
 
@@ -73,21 +73,11 @@ impl Row {
 
 /// A page of dead letters continues after this (time, id).
 fn encode_token(at: DateTime<Utc>, id: &str) -> String {
-    format!("{}:{id}", at.timestamp_micros())
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    page::encode_token(&format!("{}:{id}", at.timestamp_micros()))
 }
 
 fn decode_token(token: &str) -> Option<(DateTime<Utc>, String)> {
-    if !token.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect();
-    let text = String::from_utf8(bytes?).ok()?;
+    let text = page::decode_token(token)?;
     let (micros, id) = text.split_once(':')?;
     Some((
         DateTime::from_timestamp_micros(micros.parse().ok()?)?,
@@ -145,10 +135,7 @@ impl DeadLetters {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<DeadLetter>, String)> {
-        let size = match page_size {
-            0 => 100,
-            n => n.min(1000),
-        } as i64;
+        let size = page::size(page_size);
         let after = if page_token.is_empty() {
             None
         } else {

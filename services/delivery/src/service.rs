@@ -304,10 +304,7 @@ fn check_user(user: &str, field: &str) -> Result<()> {
 }
 
 fn authorize<T>(request: &Request<T>, tenant_id: &str) -> std::result::Result<(), Status> {
-    if tenant_id.is_empty() {
-        return Err(Status::invalid_argument("tenant_id: must not be empty"));
-    }
-    Caller::of(request)?.authorize_tenant(tenant_id)
+    Caller::authorize_request(request, tenant_id)
 }
 
 fn base_call(tenant_id: &str, channel_id: &str, kind: CallKind) -> QueuedCall {

@@ -252,10 +252,7 @@ impl ScenarioApi {
 }
 
 fn authorize<T>(request: &Request<T>, tenant_id: &str) -> Result<(), Status> {
-    if tenant_id.is_empty() {
-        return Err(Status::invalid_argument("tenant_id: must not be empty"));
-    }
-    Caller::of(request)?.authorize_tenant(tenant_id)
+    Caller::authorize_request(request, tenant_id)
 }
 
 fn require_id(scenario_id: &str) -> Result<(), Status> {
@@ -265,20 +262,7 @@ fn require_id(scenario_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn encode_token(name: &str) -> String {
-    name.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_token(token: &str) -> Option<String> {
-    if !token.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
-}
+use hibiki_runtime::page::{decode_token, encode_token};
 
 fn bad_token() -> Status {
     Status::invalid_argument("page.page_token: not a token issued by this listing")
@@ -336,10 +320,7 @@ impl ScenarioService for ScenarioApi {
             .page
             .as_ref()
             .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
-        let size = match size {
-            0 => 100,
-            n => n.min(1000),
-        } as i64;
+        let size = hibiki_runtime::page::size(size);
         let after = if token.is_empty() {
             String::new()
         } else {
@@ -596,10 +577,7 @@ impl ScenarioService for ScenarioApi {
             .page
             .as_ref()
             .map_or((0, ""), |p| (p.page_size, p.page_token.as_str()));
-        let size = match size {
-            0 => 100,
-            n => n.min(1000),
-        } as i64;
+        let size = hibiki_runtime::page::size(size);
         let before = if token.is_empty() {
             None
         } else {
