@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 
 use hibiki_line_sim::{LineSim, SimChannel, SimConfig};
 use hibiki_proto::common::v1::{
-    ContactRef, FollowEvent, InboundEvent, PostbackEvent, Source, SourceType,
-    inbound_event::Payload,
+    ContactRef, FollowEvent, InboundEvent, MessageContent, MessageEvent, PostbackEvent, Source,
+    SourceType, TextMessage, UnfollowEvent, inbound_event::Payload, message_content, value,
 };
 use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
-use hibiki_proto::contacts::v1::{CreateTenantRequest, GetContactRequest, PutChannelRequest};
+use hibiki_proto::contacts::v1::{
+    Contact, CreateTenantRequest, GetContactRequest, PutChannelRequest,
+};
 use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
 use hibiki_proto::scenario::v1::{
     ApplyRequest, GetRunRequest, ListRunsRequest, Run, RunStatus, apply_request,
@@ -35,7 +37,7 @@ fn user(n: u64) -> String {
 }
 
 struct Mesh {
-    _database: TestDatabase,
+    database: TestDatabase,
     env: HashMap<String, String>,
     _keys: RedisKeys,
     sim: LineSim,
@@ -130,7 +132,7 @@ async fn mesh_with(in_process: bool) -> Mesh {
         &hibiki_runtime::eventlog::EventLogConfig::from_env(&hibiki_runtime::ProcessEnv).unwrap(),
     );
     Mesh {
-        _database: database,
+        database,
         env,
         _keys: keys,
         sim,
@@ -208,6 +210,10 @@ impl Mesh {
     }
 
     async fn tags(&self, u: &str) -> Vec<String> {
+        self.contact(u).await.map(|c| c.tags).unwrap_or_default()
+    }
+
+    async fn contact(&self, u: &str) -> Option<Contact> {
         ContactServiceClient::new(authorized(&self.contacts, SERVICE_TOKEN))
             .get_contact(GetContactRequest {
                 contact: Some(ContactRef {
@@ -216,8 +222,8 @@ impl Mesh {
                 }),
             })
             .await
-            .map(|c| c.into_inner().tags)
-            .unwrap_or_default()
+            .ok()
+            .map(|c| c.into_inner())
     }
 }
 
@@ -228,6 +234,8 @@ fn event(id: &str, u: &str, payload: Payload, reply_token: &str) -> InboundEvent
         webhook_event_id: id.into(),
         r#type: match payload {
             Payload::Follow(_) => "follow",
+            Payload::Unfollow(_) => "unfollow",
+            Payload::Message(_) => "message",
             _ => "postback",
         }
         .into(),
@@ -964,4 +972,212 @@ async fn a_run_finishes_on_the_version_it_started_with() {
     .await;
     let second = until_run(&mesh, &u2, RunStatus::Waiting).await;
     assert_eq!(second.version, 2);
+}
+
+fn text(id: &str, u: &str, words: &str, reply_token: &str) -> InboundEvent {
+    event(
+        id,
+        u,
+        Payload::Message(MessageEvent {
+            message: Some(MessageContent {
+                id: format!("m{id}"),
+                r#type: "text".into(),
+                content: Some(message_content::Content::Text(TextMessage {
+                    text: words.into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+        }),
+        reply_token,
+    )
+}
+
+#[tokio::test]
+async fn a_keyword_is_answered_with_a_reply_and_other_words_start_nothing() {
+    let mesh = mesh().await;
+    mesh.apply(include_str!("../../../examples/keyword-reply.yaml"))
+        .await;
+    let asker = user(60);
+    let token = mesh.sim.sim().lock().issue_reply_token(CHANNEL, &asker);
+    let other = user(61);
+    mesh.append(&text(
+        "01TEXT000000000000000001",
+        &other,
+        "see you soon",
+        "",
+    ))
+    .await;
+    mesh.append(&text(
+        "01TEXT000000000000000002",
+        &asker,
+        "What are your HOURS today?",
+        &token,
+    ))
+    .await;
+    let run = until_run(&mesh, &asker, RunStatus::Completed).await;
+    assert_eq!(run.trigger_event_id, "01TEXT000000000000000002");
+    let sim = mesh.sim.sim().clone();
+    until("the answer", Duration::from_secs(10), || {
+        !sim.lock().sent.is_empty()
+    })
+    .await;
+    {
+        let s = sim.lock();
+        assert_eq!(s.sent.len(), 1);
+        assert_eq!(s.sent[0].endpoint, hibiki_line::api::Endpoint::Reply);
+        assert_eq!(s.sent[0].recipient, asker);
+        assert_eq!(
+            s.sent[0].messages[0]["text"],
+            "We are open every day from 10:00 to 20:00."
+        );
+    }
+    // every_time: the same words again start a second run (a push now,
+    // the token is spent).
+    mesh.append(&text("01TEXT000000000000000003", &asker, "hours?", ""))
+        .await;
+    until("the second answer", Duration::from_secs(10), || {
+        sim.lock().sent.len() == 2
+    })
+    .await;
+    assert_eq!(
+        sim.lock().sent[1].endpoint,
+        hibiki_line::api::Endpoint::Push
+    );
+    assert_eq!(mesh.runs_of(&asker).await.len(), 2);
+    assert!(
+        mesh.runs_of(&other).await.is_empty(),
+        "words without the keyword start nothing"
+    );
+}
+
+#[tokio::test]
+async fn an_unfollow_removes_tags_and_sets_attributes() {
+    let mesh = mesh().await;
+    mesh.apply(
+        "name: join\ntrigger: { follow: {} }\nsteps:\n\
+         - { id: tag, add_tags: [member, newsletter] }\n\
+         - { id: mark, set_attributes: { status: friend, visits: 1 } }\n",
+    )
+    .await;
+    mesh.apply(
+        "name: leave\ntrigger: { unfollow: {} }\nsteps:\n\
+         - { id: untag, remove_tags: [newsletter] }\n\
+         - { id: mark, set_attributes: { status: blocked, churned: true } }\n",
+    )
+    .await;
+    let u = user(62);
+    mesh.append(&event(
+        "01UNFOLLOW00000000000001",
+        &u,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    until_run(&mesh, &u, RunStatus::Completed).await;
+    let joined = mesh.contact(&u).await.expect("the contact");
+    let mut tags = joined.tags.clone();
+    tags.sort();
+    assert_eq!(tags, ["member", "newsletter"]);
+    assert_eq!(
+        joined.attributes["status"].kind,
+        Some(value::Kind::StringValue("friend".into()))
+    );
+    assert_eq!(
+        joined.attributes["visits"].kind,
+        Some(value::Kind::NumberValue(1.0))
+    );
+
+    mesh.append(&event(
+        "01UNFOLLOW00000000000002",
+        &u,
+        Payload::Unfollow(UnfollowEvent {}),
+        "",
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mesh
+        .runs_of(&u)
+        .await
+        .iter()
+        .filter(|r| r.status() == RunStatus::Completed)
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the unfollow's run did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = mesh.contact(&u).await.expect("the contact");
+    assert_eq!(left.tags, ["member"]);
+    assert_eq!(
+        left.attributes["status"].kind,
+        Some(value::Kind::StringValue("blocked".into()))
+    );
+    assert_eq!(
+        left.attributes["churned"].kind,
+        Some(value::Kind::BoolValue(true))
+    );
+    assert_eq!(
+        left.attributes["visits"].kind,
+        Some(value::Kind::NumberValue(1.0)),
+        "attributes not named are kept"
+    );
+}
+
+#[tokio::test]
+async fn a_time_of_day_wait_resumes_at_that_time_in_the_tenant_zone() {
+    use chrono::{Duration as Span, FixedOffset, Timelike, Utc};
+    let mesh = mesh().await;
+    // The tenant is in Asia/Tokyo (UTC+9, no daylight saving): wait for the
+    // local time two hours from now, which is later today or tomorrow.
+    let tokyo = FixedOffset::east_opt(9 * 3600).unwrap();
+    let target = (Utc::now() + Span::hours(2)).with_timezone(&tokyo);
+    let (hour, minute) = (target.hour(), target.minute());
+    mesh.apply(&format!(
+        "name: at-time\ntrigger: {{ follow: {{}} }}\nsteps:\n\
+         - {{ id: until, wait: {{ time_of_day: '{hour:02}:{minute:02}' }} }}\n\
+         - {{ id: say, send_messages: {{ messages: [{{ type: text, text: good morning }}] }} }}\n"
+    ))
+    .await;
+    let u = user(63);
+    mesh.append(&event(
+        "01TIMEOFDAY0000000000001",
+        &u,
+        Payload::Follow(FollowEvent {
+            is_unblocked: false,
+        }),
+        "",
+    ))
+    .await;
+    let waiting = until_run(&mesh, &u, RunStatus::Waiting).await;
+    let resume = waiting.resume_at.expect("a resume time");
+    let resume = chrono::DateTime::from_timestamp(resume.seconds, resume.nanos as u32)
+        .unwrap()
+        .with_timezone(&tokyo);
+    assert_eq!(
+        (resume.hour(), resume.minute(), resume.second()),
+        (hour, minute, 0)
+    );
+    let ahead = resume.with_timezone(&Utc) - Utc::now();
+    assert!(
+        ahead > Span::minutes(118) && ahead <= Span::minutes(120),
+        "the next {hour:02}:{minute:02} in Tokyo is {ahead} away"
+    );
+    // Two hours pass: the timer in PostgreSQL comes due.
+    let pool = sqlx::PgPool::connect(mesh.database.url()).await.unwrap();
+    sqlx::query("UPDATE scenario.runs SET lease_until = now() WHERE run_id = $1")
+        .bind(&waiting.run_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let done = until_run(&mesh, &u, RunStatus::Completed).await;
+    assert_eq!(done.run_id, waiting.run_id);
+    let sim = mesh.sim.sim().clone();
+    until("the message", Duration::from_secs(10), || {
+        !sim.lock().sent.is_empty()
+    })
+    .await;
+    assert_eq!(sim.lock().sent[0].messages[0]["text"], "good morning");
 }
