@@ -80,6 +80,9 @@ async fn main() {
         .create_rich_menu(CHANNEL, "campaign", Some("campaign"));
 
     let database = TestDatabase::create().await;
+    // This machine's PostgreSQL runs without autovacuum; do its work at its
+    // default pace (each database once a minute).
+    let _autovacuum = hibiki_bench::autovacuum(database.url(), Duration::from_secs(60));
     let mut env = service_env(&database, None);
     let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());

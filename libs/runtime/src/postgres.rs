@@ -39,7 +39,10 @@ pub fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions, Post
 /// `schema` first, then `public`.
 pub fn connect_lazy(config: &PostgresConfig, schema: &str) -> Result<PgPool, PostgresError> {
     let options = connect_options(config)?
-        .options([("search_path", format!("{schema},public"))])
+        .options([
+            ("search_path", format!("{schema},public")),
+            ("plan_cache_mode", "force_custom_plan".to_owned()),
+        ])
         .log_statements(tracing::log::LevelFilter::Debug);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
@@ -63,7 +66,26 @@ pub async fn migrate(
     migrator
         .run(pool)
         .await
-        .map_err(|source| PostgresError::Migrate { schema, source })
+        .map_err(|source| PostgresError::Migrate { schema, source })?;
+    warn_without_autovacuum(pool).await;
+    Ok(())
+}
+
+/// Logs a warning when the server runs without autovacuum: nothing then
+/// removes dead rows or refreshes the planner's statistics, and hibiki's
+/// hot tables (runs, contacts) slow down as they grow.
+async fn warn_without_autovacuum(pool: &PgPool) {
+    if let Ok(setting) = sqlx::query_scalar::<_, String>("SHOW autovacuum")
+        .fetch_one(pool)
+        .await
+        && setting != "on"
+    {
+        tracing::warn!(
+            "PostgreSQL's autovacuum is off: dead rows pile up and query plans are chosen \
+             on stale statistics, so queries slow down as tables grow; set autovacuum = on \
+             in postgresql.conf, or run VACUUM (ANALYZE) regularly"
+        );
+    }
 }
 
 /// Creates the database named in the URL when it does not exist (used by

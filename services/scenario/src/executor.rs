@@ -97,6 +97,21 @@ pub struct Executor {
     zones: Mutex<HashMap<String, String>>,
 }
 
+/// What a step came to.
+enum Done<'p> {
+    /// Done: the run goes on at `next`.
+    Next {
+        step_id: &'p str,
+        next: usize,
+        detail: String,
+        reply_used: bool,
+    },
+    /// A wait: the run is parked (recorded by the wait).
+    Parked,
+    /// A stop: the run ends.
+    Stopped { step_id: &'p str },
+}
+
 /// Why a step did not complete.
 enum StepError {
     /// Refused for good: the run fails with this.
@@ -548,15 +563,54 @@ impl Executor {
                         } else {
                             "condition did not hold"
                         };
-                        self.runs
-                            .step_done(&run, next, step_id, detail, false)
-                            .await
-                            .map(|()| Some(next))
-                            .map_err(StepError::from)
+                        Ok(Done::Next {
+                            step_id,
+                            next,
+                            detail: detail.to_owned(),
+                            reply_used: false,
+                        })
                     }
                     Err(e) => Err(e),
                 },
-                Op::Step(s) => self.step(&mut run, &program, pc, s).await,
+                Op::Step(s) => self.step(&run, &program, pc, s).await,
+            };
+            // A step's record and the run's new place are one statement;
+            // when nothing follows, the run ends in it too.
+            let result = match result {
+                Ok(Done::Next {
+                    step_id,
+                    next,
+                    detail,
+                    reply_used,
+                }) => {
+                    let end = program.ends_at(next).then_some("completed");
+                    match self
+                        .runs
+                        .step_done(&run, next, step_id, &detail, reply_used, end)
+                        .await
+                    {
+                        Ok(()) if end.is_some() => return,
+                        Ok(()) => {
+                            if reply_used {
+                                run.reply_token.clear();
+                            }
+                            Ok(Some(next))
+                        }
+                        Err(e) => Err(StepError::from(e)),
+                    }
+                }
+                Ok(Done::Stopped { step_id }) => {
+                    match self
+                        .runs
+                        .step_done(&run, pc + 1, step_id, "stopped", false, Some("stopped"))
+                        .await
+                    {
+                        Ok(()) => return,
+                        Err(e) => Err(StepError::from(e)),
+                    }
+                }
+                Ok(Done::Parked) => Ok(None),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(Some(next)) => pc = next,
@@ -604,15 +658,14 @@ impl Executor {
         Ok(conditions::holds(c, &contact, &segments))
     }
 
-    /// Runs one step; the next counter, or `None` when the run parked or
-    /// ended.
-    async fn step(
+    /// Runs one step's action; the caller records it.
+    async fn step<'p>(
         &self,
-        run: &mut RunRow,
+        run: &RunRow,
         program: &Program,
         pc: usize,
-        s: &hibiki_proto::scenario::v1::Step,
-    ) -> Result<Option<usize>, StepError> {
+        s: &'p hibiki_proto::scenario::v1::Step,
+    ) -> Result<Done<'p>, StepError> {
         let key = format!("{}:{}", run.run_id, s.id);
         let mut reply_used = false;
         let detail = match &s.action {
@@ -757,26 +810,19 @@ impl Executor {
                     None => return Err(StepError::Permanent("a wait without its time".into())),
                 };
                 self.runs.wait(run, pc + 1, &s.id, &resume).await?;
-                return Ok(None);
+                return Ok(Done::Parked);
             }
             Some(step::Action::Branch(_)) => {
                 return Err(StepError::Permanent("a branch outside the program".into()));
             }
-            Some(step::Action::Stop(_)) => {
-                self.runs
-                    .step_done(run, pc + 1, &s.id, "stopped", false)
-                    .await?;
-                self.end(run, "stopped", "").await;
-                return Ok(None);
-            }
+            Some(step::Action::Stop(_)) => return Ok(Done::Stopped { step_id: &s.id }),
         };
-        self.runs
-            .step_done(run, pc + 1, &s.id, &detail, reply_used)
-            .await?;
-        if reply_used {
-            run.reply_token.clear();
-        }
-        Ok(Some(pc + 1))
+        Ok(Done::Next {
+            step_id: &s.id,
+            next: pc + 1,
+            detail,
+            reply_used,
+        })
     }
 
     /// The tenant's IANA time zone (from contacts, cached).

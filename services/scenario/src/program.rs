@@ -30,6 +30,16 @@ pub struct Program {
 }
 
 impl Program {
+    /// Whether a run at `pc` has nothing left to do (past the end, perhaps
+    /// after jumps).
+    pub fn ends_at(&self, mut pc: usize) -> bool {
+        // Jumps only go forward, so this ends.
+        while let Some(Op::Jump(to)) = self.ops.get(pc) {
+            pc = *to;
+        }
+        pc >= self.ops.len()
+    }
+
     /// Compiles a (checked) definition.
     pub fn compile(definition: &ScenarioDefinition) -> Self {
         let mut ops = Vec::new();

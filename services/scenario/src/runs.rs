@@ -123,15 +123,32 @@ pub struct Runs {
     lease: Duration,
 }
 
+/// The columns of a [`RunRow`], as SELECT and RETURNING lists name them.
+macro_rules! run_columns {
+    () => {
+        "tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status, pc,
+         current_step_id, lease_until, trigger_event_id, reply_token, reply_until,
+         traceparent, error, started_at, finished_at"
+    };
+}
+
 macro_rules! select_runs {
     ($rest:literal) => {
-        concat!(
-            "SELECT tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status, pc,
-                    current_step_id, lease_until, trigger_event_id, reply_token, reply_until,
-                    traceparent, error, started_at, finished_at
-               FROM runs ",
-            $rest
-        )
+        concat!("SELECT ", run_columns!(), " FROM runs ", $rest)
+    };
+}
+
+/// Appends a step to a run's history as part of a statement whose CTE `u`
+/// yields the run's `tenant_id` and `run_id`: `$3` is the step, `$4` the
+/// detail.
+macro_rules! record_step {
+    () => {
+        "INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
+         SELECT u.tenant_id, u.run_id,
+                (SELECT COALESCE(max(seq), 0) + 1 FROM run_steps s
+                  WHERE s.tenant_id = u.tenant_id AND s.run_id = u.run_id),
+                $3, $4, true
+           FROM u"
     };
 }
 
@@ -146,6 +163,10 @@ impl Runs {
     }
 
     /// Starts a run under `policy`, at most once per triggering event.
+    ///
+    /// Under an advisory lock per (scenario, contact), one guarded INSERT
+    /// starts the run unless this event started one before or the policy
+    /// forbids it; only then is the reason looked up.
     pub async fn start(&self, new: &NewRun, policy: ReentryPolicy) -> Result<Started> {
         let mut tx = self.pool.begin().await?;
         // One start at a time per (scenario, contact): the policy's check
@@ -157,6 +178,49 @@ impl Runs {
             ))
             .execute(&mut *tx)
             .await?;
+        let (check_any, check_active) = match policy {
+            ReentryPolicy::EveryTime => (false, false),
+            ReentryPolicy::Once => (true, false),
+            ReentryPolicy::NotWhileRunning => (false, true),
+        };
+        let started: Option<RunRow> = sqlx::query_as(concat!(
+            "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
+                               status, lease_until, trigger_event_id, reply_token, reply_until,
+                               traceparent)
+             SELECT $1, $2, $3, $4, $5, $6,
+                    CASE WHEN $12 THEN 'waiting' ELSE 'running' END,
+                    CASE WHEN $12 THEN now() ELSE now() + make_interval(secs => $7) END,
+                    $8, $9, $10, $11
+              WHERE NOT EXISTS (
+                      SELECT 1 FROM runs
+                       WHERE tenant_id = $1 AND scenario_id = $3 AND line_user_id = $5
+                         AND (($8 <> '' AND trigger_event_id = $8)
+                              OR $13
+                              OR ($14 AND status IN ('running', 'waiting'))))
+             RETURNING ",
+            run_columns!()
+        ))
+        .bind(&new.tenant_id)
+        .bind(&new.run_id)
+        .bind(&new.scenario_id)
+        .bind(new.version)
+        .bind(&new.line_user_id)
+        .bind(&new.channel_id)
+        .bind(self.lease_secs())
+        .bind(&new.trigger_event_id)
+        .bind(&new.reply_token)
+        .bind(new.reply_until)
+        .bind(&new.traceparent)
+        .bind(new.queued)
+        .bind(check_any)
+        .bind(check_active)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(run) = started {
+            tx.commit().await?;
+            return Ok(Started::New(run));
+        }
+        // Not started: this event's run from before, or the policy.
         if !new.trigger_event_id.is_empty() {
             let before: Option<RunRow> = sqlx::query_as(select_runs!(
                 "WHERE tenant_id = $1 AND scenario_id = $2 AND trigger_event_id = $3"
@@ -170,69 +234,23 @@ impl Runs {
                 return Ok(Started::Before(run));
             }
         }
-        let blocking: Option<(String,)> = match policy {
-            ReentryPolicy::EveryTime => None,
-            ReentryPolicy::Once => {
-                sqlx::query_as(
-                    "SELECT run_id FROM runs
-                      WHERE tenant_id = $1 AND scenario_id = $2 AND line_user_id = $3 LIMIT 1",
-                )
-                .bind(&new.tenant_id)
-                .bind(&new.scenario_id)
-                .bind(&new.line_user_id)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            ReentryPolicy::NotWhileRunning => {
-                sqlx::query_as(
-                    "SELECT run_id FROM runs
-                      WHERE tenant_id = $1 AND scenario_id = $2 AND line_user_id = $3
-                        AND status IN ('running', 'waiting') LIMIT 1",
-                )
-                .bind(&new.tenant_id)
-                .bind(&new.scenario_id)
-                .bind(&new.line_user_id)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-        };
-        if let Some((other,)) = blocking {
-            let why = match policy {
-                ReentryPolicy::Once => {
-                    format!("re-entry policy ONCE: the contact ran it before ({other})")
-                }
-                _ => format!("re-entry policy NOT_WHILE_RUNNING: run {other} is active"),
-            };
-            return Ok(Started::Skipped(why));
-        }
-        let run: RunRow = sqlx::query_as(
-            "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
-                               status, lease_until, trigger_event_id, reply_token, reply_until,
-                               traceparent)
-             VALUES ($1, $2, $3, $4, $5, $6,
-                     CASE WHEN $12 THEN 'waiting' ELSE 'running' END,
-                     CASE WHEN $12 THEN now() ELSE now() + make_interval(secs => $7) END,
-                     $8, $9, $10, $11)
-             RETURNING tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status,
-                       pc, current_step_id, lease_until, trigger_event_id, reply_token,
-                       reply_until, traceparent, error, started_at, finished_at",
+        let (other,): (String,) = sqlx::query_as(
+            "SELECT run_id FROM runs
+              WHERE tenant_id = $1 AND scenario_id = $2 AND line_user_id = $3
+                AND (NOT $4 OR status IN ('running', 'waiting'))
+              ORDER BY started_at DESC LIMIT 1",
         )
         .bind(&new.tenant_id)
-        .bind(&new.run_id)
         .bind(&new.scenario_id)
-        .bind(new.version)
         .bind(&new.line_user_id)
-        .bind(&new.channel_id)
-        .bind(self.lease_secs())
-        .bind(&new.trigger_event_id)
-        .bind(&new.reply_token)
-        .bind(new.reply_until)
-        .bind(&new.traceparent)
-        .bind(new.queued)
+        .bind(check_active)
         .fetch_one(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(Started::New(run))
+        Ok(Started::Skipped(if check_active {
+            format!("re-entry policy NOT_WHILE_RUNNING: run {other} is active")
+        } else {
+            format!("re-entry policy ONCE: the contact ran it before ({other})")
+        }))
     }
 
     /// Why `policy` (or an earlier run of this event) would keep a new run
@@ -288,14 +306,13 @@ impl Runs {
     /// passed (a waiting run that is due, or a running one whose executor
     /// stopped), claimed for a new lease. `None` when another holds it.
     pub async fn claim(&self, tenant_id: &str, run_id: &str) -> Result<Option<RunRow>> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as(concat!(
             "UPDATE runs SET status = 'running', lease_until = now() + make_interval(secs => $3)
               WHERE tenant_id = $1 AND run_id = $2 AND status IN ('running', 'waiting')
                 AND lease_until <= now()
-             RETURNING tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status,
-                       pc, current_step_id, lease_until, trigger_event_id, reply_token,
-                       reply_until, traceparent, error, started_at, finished_at",
-        )
+             RETURNING ",
+            run_columns!()
+        ))
         .bind(tenant_id)
         .bind(run_id)
         .bind(self.lease_secs())
@@ -306,24 +323,24 @@ impl Runs {
     /// Claims up to `limit` runs that are due (waits over, or abandoned by
     /// a stopped executor), skipping those another executor is claiming.
     pub async fn claim_due(&self, limit: i64) -> Result<Vec<RunRow>> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as(concat!(
             "UPDATE runs SET status = 'running', lease_until = now() + make_interval(secs => $2)
               WHERE (tenant_id, run_id) IN (
                     SELECT tenant_id, run_id FROM runs
                      WHERE status IN ('running', 'waiting') AND lease_until <= now()
                      ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status,
-                       pc, current_step_id, lease_until, trigger_event_id, reply_token,
-                       reply_until, traceparent, error, started_at, finished_at",
-        )
+             RETURNING ",
+            run_columns!()
+        ))
         .bind(limit)
         .bind(self.lease_secs())
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Records a step and moves the run to `pc`; `reply_used` forgets the
-    /// reply token (it works once).
+    /// Records a step and moves the run to `pc`, in one statement;
+    /// `reply_used` forgets the reply token (it works once). With `end`
+    /// (`completed` or `stopped`) the run ends there too.
     pub async fn step_done(
         &self,
         run: &RunRow,
@@ -331,38 +348,36 @@ impl Runs {
         step_id: &str,
         detail: &str,
         reply_used: bool,
+        end: Option<&str>,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE runs SET pc = $3, current_step_id = $4,
-                    reply_token = CASE WHEN $5 THEN '' ELSE reply_token END,
-                    lease_until = now() + make_interval(secs => $6)
-              WHERE tenant_id = $1 AND run_id = $2",
-        )
-        .bind(&run.tenant_id)
-        .bind(&run.run_id)
-        .bind(pc as i32)
-        .bind(step_id)
-        .bind(reply_used)
-        .bind(self.lease_secs())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
-             SELECT $1, $2, COALESCE(max(seq), 0) + 1, $3, $4, true
-               FROM run_steps WHERE tenant_id = $1 AND run_id = $2",
-        )
+        sqlx::query(concat!(
+            "WITH u AS (
+               UPDATE runs SET pc = $5, current_step_id = $3,
+                      reply_token = CASE WHEN $6 THEN '' ELSE reply_token END,
+                      status = COALESCE($8, status),
+                      finished_at = CASE WHEN $8 IS NULL THEN NULL ELSE now() END,
+                      lease_until = CASE WHEN $8 IS NULL
+                                         THEN now() + make_interval(secs => $7) END
+                WHERE tenant_id = $1 AND run_id = $2
+               RETURNING tenant_id, run_id)
+             ",
+            record_step!()
+        ))
         .bind(&run.tenant_id)
         .bind(&run.run_id)
         .bind(step_id)
         .bind(detail)
-        .execute(&mut *tx)
+        .bind(pc as i32)
+        .bind(reply_used)
+        .bind(self.lease_secs())
+        .bind(end)
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
-    /// Parks the run until `resume`, to continue at `pc`. Returns when.
+    /// Parks the run until `resume`, to continue at `pc`, in one
+    /// statement. Returns when.
     pub async fn wait(
         &self,
         run: &RunRow,
@@ -374,40 +389,38 @@ impl Runs {
             Resume::After(d) => (d.as_secs_f64(), -1i32, 0i32, "UTC".to_owned()),
             Resume::At { hour, minute, zone } => (0.0, *hour as i32, *minute as i32, zone.clone()),
         };
-        let mut tx = self.pool.begin().await?;
         let (until,): (DateTime<Utc>,) = sqlx::query_as(
-            "UPDATE runs SET status = 'waiting', pc = $3, current_step_id = $4,
-                    lease_until = CASE WHEN $6 < 0 THEN now() + make_interval(secs => $5)
-                      ELSE (SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
-                              FROM (SELECT (date_trunc('day', now() AT TIME ZONE $8)
-                                            + make_interval(hours => $6, mins => $7))
-                                           AT TIME ZONE $8 AS t) AS next)
-                    END
-              WHERE tenant_id = $1 AND run_id = $2
-             RETURNING lease_until",
+            "WITH u AS (
+               UPDATE runs SET status = 'waiting', pc = $5, current_step_id = $3,
+                      lease_until = CASE WHEN $7 < 0 THEN now() + make_interval(secs => $6)
+                        ELSE (SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
+                                FROM (SELECT (date_trunc('day', now() AT TIME ZONE $9)
+                                              + make_interval(hours => $7, mins => $8))
+                                             AT TIME ZONE $9 AS t) AS next)
+                      END
+                WHERE tenant_id = $1 AND run_id = $2
+               RETURNING tenant_id, run_id, lease_until),
+             h AS (
+               INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
+               SELECT u.tenant_id, u.run_id,
+                      (SELECT COALESCE(max(seq), 0) + 1 FROM run_steps s
+                        WHERE s.tenant_id = u.tenant_id AND s.run_id = u.run_id),
+                      $3, $4 || to_char(u.lease_until AT TIME ZONE 'UTC',
+                                        'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), true
+                 FROM u)
+             SELECT lease_until FROM u",
         )
         .bind(&run.tenant_id)
         .bind(&run.run_id)
-        .bind(pc as i32)
         .bind(step_id)
+        .bind("waiting until ")
+        .bind(pc as i32)
         .bind(secs)
         .bind(hour)
         .bind(minute)
         .bind(zone)
-        .fetch_one(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        sqlx::query(
-            "INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
-             SELECT $1, $2, COALESCE(max(seq), 0) + 1, $3, $4, true
-               FROM run_steps WHERE tenant_id = $1 AND run_id = $2",
-        )
-        .bind(&run.tenant_id)
-        .bind(&run.run_id)
-        .bind(step_id)
-        .bind(format!("waiting until {}", until.to_rfc3339()))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
         Ok(until)
     }
 
