@@ -84,22 +84,6 @@ pub fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_use_the_nearest_rank() {
-        let mut l = Latencies::default();
-        for us in 1..=100 {
-            l.record(Duration::from_micros(us));
-        }
-        assert_eq!(l.quantile(0.5), Duration::from_micros(50));
-        assert_eq!(l.quantile(0.99), Duration::from_micros(99));
-        assert_eq!(l.quantile(1.0), Duration::from_micros(100));
-    }
-}
-
 /// Does what PostgreSQL's autovacuum does, for servers that have it off
 /// (this machine's has): `VACUUM (ANALYZE)` of the database at `url` every
 /// `every`, until the task is dropped or aborted.
@@ -126,4 +110,20 @@ pub fn autovacuum(url: &str, every: Duration) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_use_the_nearest_rank() {
+        let mut l = Latencies::default();
+        for us in 1..=100 {
+            l.record(Duration::from_micros(us));
+        }
+        assert_eq!(l.quantile(0.5), Duration::from_micros(50));
+        assert_eq!(l.quantile(0.99), Duration::from_micros(99));
+        assert_eq!(l.quantile(1.0), Duration::from_micros(100));
+    }
 }
