@@ -51,6 +51,10 @@ struct Args {
     /// Connections posting webhooks.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Seconds between the autovacuum stand-in's VACUUM (ANALYZE) runs
+    /// (PostgreSQL's autovacuum visits a database once a minute by default).
+    #[arg(long, default_value_t = 60)]
+    autovacuum_secs: u64,
 }
 
 fn user(n: u64) -> String {
@@ -81,8 +85,11 @@ async fn main() {
 
     let database = TestDatabase::create().await;
     // This machine's PostgreSQL runs without autovacuum; do its work at its
-    // default pace (each database once a minute).
-    let _autovacuum = hibiki_bench::autovacuum(database.url(), Duration::from_secs(60));
+    // pace (by default, as autovacuum's default naptime: once a minute).
+    let _autovacuum = hibiki_bench::autovacuum(
+        database.url(),
+        Duration::from_secs(args.autovacuum_secs.max(1)),
+    );
     let mut env = service_env(&database, None);
     let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());

@@ -41,6 +41,12 @@ pub fn connect_lazy(config: &PostgresConfig, schema: &str) -> Result<PgPool, Pos
     let options = connect_options(config)?
         .options([
             ("search_path", format!("{schema},public")),
+            // hibiki's tables grow from empty within minutes (a new tenant,
+            // a storm). A generic plan chosen while a table was small stays
+            // cached in the connection until its statistics change, and
+            // then reads thousands of rows per lookup; planning each
+            // statement for its parameters and the table's current size
+            // costs a little CPU and never goes that wrong.
             ("plan_cache_mode", "force_custom_plan".to_owned()),
         ])
         .log_statements(tracing::log::LevelFilter::Debug);
