@@ -1181,3 +1181,59 @@ async fn a_time_of_day_wait_resumes_at_that_time_in_the_tenant_zone() {
     .await;
     assert_eq!(sim.lock().sent[0].messages[0]["text"], "good morning");
 }
+
+#[tokio::test]
+async fn a_refollow_starts_its_scenario_and_a_stop_ends_the_run_there() {
+    let mesh = mesh().await;
+    mesh.apply(
+        "name: welcome back\ntrigger: { follow: { kind: refollow } }\nsteps:\n\
+         - { id: back, add_tags: [returned] }\n\
+         - { id: halt, stop: {} }\n\
+         - { id: never, add_tags: [unreachable] }\n",
+    )
+    .await;
+    let first = mesh
+        .apply("name: first follow\ntrigger: { follow: { kind: new } }\nsteps:\n - { id: hi, add_tags: [new] }\n")
+        .await;
+    let new_friend = user(64);
+    let returning = user(65);
+    for (id, u, unblocked) in [
+        ("01REFOLLOW00000000000001", &new_friend, false),
+        ("01REFOLLOW00000000000002", &returning, true),
+    ] {
+        mesh.append(&event(
+            id,
+            u,
+            Payload::Follow(FollowEvent {
+                is_unblocked: unblocked,
+            }),
+            "",
+        ))
+        .await;
+    }
+    let run = until_run(&mesh, &returning, RunStatus::Stopped).await;
+    assert_eq!(mesh.tags(&returning).await, ["returned"]);
+    let history = mesh
+        .client()
+        .get_run(GetRunRequest {
+            tenant_id: "acme".into(),
+            run_id: run.run_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .history;
+    let steps: Vec<&str> = history.iter().map(|s| s.step_id.as_str()).collect();
+    assert_eq!(steps, ["back", "halt"]);
+    // The first follow ran only the scenario for new friends.
+    until_run(&mesh, &new_friend, RunStatus::Completed).await;
+    let runs = mesh.runs_of(&new_friend).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].scenario_id, first);
+    assert_eq!(mesh.tags(&new_friend).await, ["new"]);
+    assert_eq!(
+        mesh.runs_of(&returning).await.len(),
+        1,
+        "a re-follow is not a first follow"
+    );
+}
