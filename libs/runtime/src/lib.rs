@@ -16,6 +16,7 @@ pub mod host;
 pub mod metrics;
 pub mod page;
 pub mod postgres;
+pub mod records;
 pub mod redis;
 pub mod shutdown;
 pub mod telemetry;

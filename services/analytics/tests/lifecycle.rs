@@ -10,7 +10,7 @@ use hibiki_testkit::lifecycle;
 async fn the_binary_reports_serving_lists_its_services_and_exits_on_sigterm() {
     lifecycle::binary_serves_and_stops_on_sigterm(
         Path::new(env!("CARGO_BIN_EXE_hibiki-analytics")),
-        &[],
+        &["hibiki.analytics.v1.AnalyticsService"],
     )
     .await;
 }

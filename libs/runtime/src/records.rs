@@ -1,0 +1,217 @@
+//! Reading a record stream: one Redis stream another service publishes to
+//! (contacts' membership changes, delivery's outcomes), read by a group in
+//! stream order, one reader of the group at a time.
+//!
+//! - **One reader.** A group's readers (one per replica) compete for a lease
+//!   key (`<stream>:lease:<group>`, `SET NX PX`, renewed on every read); only
+//!   the holder reads, so records are folded in the order they were
+//!   published, and a standby takes over within a lease when the holder
+//!   dies.
+//! - **At-least-once.** Records stay pending in the group until
+//!   [`RecordReader::ack`]; a reader that takes the lease first hands out
+//!   the group's pending records (those a dead reader never acknowledged),
+//!   then new ones. Consumers dedupe on the record's own id.
+//! - **Never blocking Redis.** Reads do not use `BLOCK` (the connection is
+//!   shared); an empty read waits `poll` before the next.
+
+use std::time::Duration;
+
+use crate::redis::streams::{self, Entry};
+use crate::redis::{Redis, redis};
+
+/// Renews the lease if the caller holds it, or takes it if it is free:
+/// KEYS = lease; ARGV = name, ttl ms. 1 when held after the call.
+const HOLD: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+static HOLD_SCRIPT: crate::redis::Script = crate::redis::Script::new(HOLD);
+
+/// A group's reader of one record stream.
+pub struct RecordReader {
+    redis: Redis,
+    stream: String,
+    group: String,
+    name: String,
+    field: &'static str,
+    lease: Duration,
+    /// Where the next read starts: "0" (this reader's pending records)
+    /// after taking the lease, ">" (new records) once those are handed out.
+    cursor: String,
+    held: bool,
+}
+
+impl RecordReader {
+    /// A reader named `name` in `group` of `stream` (a full key), handing
+    /// out the value of each entry's `field`; the lease lasts `lease`.
+    pub fn new(
+        redis: Redis,
+        stream: String,
+        group: &str,
+        name: &str,
+        field: &'static str,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            redis,
+            stream,
+            group: group.to_owned(),
+            name: name.to_owned(),
+            field,
+            lease,
+            cursor: "0".into(),
+            held: false,
+        }
+    }
+
+    fn lease_key(&self) -> String {
+        format!("{}:lease:{}", self.stream, self.group)
+    }
+
+    /// Up to `count` records: empty when another reader holds the lease or
+    /// nothing is new.
+    pub async fn read(&mut self, count: usize) -> Result<Vec<Entry>, redis::RedisError> {
+        let ttl = self.lease.as_millis().to_string();
+        let held: i64 = self
+            .redis
+            .script(
+                &HOLD_SCRIPT,
+                &[&self.lease_key()],
+                &[self.name.as_bytes(), ttl.as_bytes()],
+            )
+            .await?;
+        if held != 1 {
+            self.held = false;
+            return Ok(Vec::new());
+        }
+        if !self.held {
+            // Newly held: the group may not exist yet, and what the
+            // previous holder left pending comes first.
+            self.create_group().await?;
+            self.claim_pending().await?;
+            self.cursor = "0".into();
+            self.held = true;
+        }
+        let reply: redis::Value = self
+            .redis
+            .command(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&self.group)
+                    .arg(&self.name)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(&self.stream)
+                    .arg(&self.cursor),
+            )
+            .await?;
+        let entries = streams::read_reply(reply, self.field)?;
+        if entries.is_empty() && self.cursor != ">" {
+            // Pending ones handed out: new records from here on.
+            self.cursor = ">".into();
+            return Box::pin(self.read(count)).await;
+        }
+        if self.cursor != ">"
+            && let Some((last, _)) = entries.last()
+        {
+            // Pending records are read by id: go on after the last one.
+            self.cursor = last.clone();
+        }
+        Ok(entries)
+    }
+
+    /// Acknowledges folded records.
+    pub async fn ack(&self, ids: &[String]) -> Result<(), redis::RedisError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.redis
+            .command::<i64>(
+                redis::cmd("XACK")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(ids),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Gives the lease back (on shutdown), so a standby takes over at once.
+    pub async fn release(&self) {
+        let _ = self
+            .redis
+            .command::<i64>(
+                redis::cmd("EVAL")
+                    .arg(
+                        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                         return redis.call('DEL', KEYS[1]) end return 0",
+                    )
+                    .arg(1)
+                    .arg(self.lease_key())
+                    .arg(&self.name),
+            )
+            .await;
+    }
+
+    async fn create_group(&self) -> Result<(), redis::RedisError> {
+        // From the start of the stream: records published before the
+        // reader first ran are folded too.
+        let created: Result<(), _> = self
+            .redis
+            .command(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Moves every pending record of the group to this reader.
+    async fn claim_pending(&self) -> Result<(), redis::RedisError> {
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let reply: redis::Value = self
+                .redis
+                .command(
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(&self.stream)
+                        .arg(&self.group)
+                        .arg(&self.name)
+                        .arg(0)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .arg("JUSTID"),
+                )
+                .await?;
+            let redis::Value::Array(parts) = reply else {
+                return Ok(());
+            };
+            let next: String = match parts.into_iter().next() {
+                Some(v) => redis::from_redis_value(v)?,
+                None => return Ok(()),
+            };
+            if next == "0-0" {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
