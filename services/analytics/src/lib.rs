@@ -71,6 +71,9 @@ pub struct Config {
     /// `HIBIKI_ANALYTICS_KEEP_DAYS`: how long per-minute rollups are kept.
     /// Default 30 (at least 7).
     pub keep_days: u64,
+    /// `HIBIKI_SCENARIO_URL`: scenario's gRPC URL, which counts funnels
+    /// from its runs. Default http://127.0.0.1:50053.
+    pub scenario_url: String,
 }
 
 impl Config {
@@ -88,6 +91,11 @@ impl Config {
             runtime: RuntimeConfig::from_env(env, DEFAULTS)?,
             eventlog: EventLogConfig::from_env(env)?,
             keep_days,
+            scenario_url: r.url(
+                "HIBIKI_SCENARIO_URL",
+                "http://127.0.0.1:50053",
+                &["http", "https"],
+            )?,
         })
     }
 }
@@ -114,7 +122,17 @@ impl Service for Application {
     }
 
     async fn build(config: Config) -> Result<Self, HostError> {
+        let token = config.runtime.auth.outbound_service_token().clone();
         let host = ServiceHost::bind(config.runtime, NEEDS).await?;
+        let interceptor = hibiki_runtime::grpc::ClientInterceptor::new(&token)
+            .map_err(|e| HostError::Startup(format!("HIBIKI_SERVICE_TOKENS: {e}")))?;
+        let scenario = hibiki_runtime::grpc::channel(&config.scenario_url)
+            .map_err(|e| HostError::Startup(format!("HIBIKI_SCENARIO_URL: {e}")))?;
+        let scenario =
+            hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient::with_interceptor(
+                scenario,
+                interceptor,
+            );
         let pool = host
             .postgres()
             .expect("analytics declares that it needs PostgreSQL")
@@ -129,6 +147,7 @@ impl Service for Application {
         routes.add(AnalyticsServiceServer::new(service::AnalyticsApi::new(
             pool.clone(),
             watches,
+            scenario,
         )));
         let log = EventLog::from_config(redis.clone(), &config.eventlog);
         let migrated = host.migrated();

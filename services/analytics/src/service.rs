@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
+use hibiki_proto::analytics::v1::FunnelStep;
 use hibiki_proto::analytics::v1::analytics_service_server::AnalyticsService;
 use hibiki_proto::analytics::v1::{
     EndpointStats, GetDeliveryStatsRequest, GetDeliveryStatsResponse, GetEventRatesRequest,
@@ -13,6 +14,8 @@ use hibiki_proto::analytics::v1::{
     GetSegmentCountsRequest, GetSegmentCountsResponse, RatePoint, SegmentCountUpdate, TimeRange,
     WatchSegmentCountsRequest,
 };
+use hibiki_proto::scenario::v1::GetFunnelRequest;
+use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
 use hibiki_runtime::auth::Caller;
 use hibiki_runtime::error::ServiceError;
 use hibiki_runtime::timestamp;
@@ -27,15 +30,28 @@ const MAX_STATS_RANGE: i64 = 7 * 24 * 60;
 /// The most buckets GetEventRates returns.
 const MAX_BUCKETS: i64 = 10_000;
 
+/// scenario's client.
+pub type ScenarioClient = ScenarioServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        hibiki_runtime::grpc::ClientInterceptor,
+    >,
+>;
+
 /// The RPCs.
 pub struct AnalyticsApi {
     pool: PgPool,
     watches: Arc<Watches>,
+    scenario: ScenarioClient,
 }
 
 impl AnalyticsApi {
-    pub fn new(pool: PgPool, watches: Arc<Watches>) -> Self {
-        Self { pool, watches }
+    pub fn new(pool: PgPool, watches: Arc<Watches>, scenario: ScenarioClient) -> Self {
+        Self {
+            pool,
+            watches,
+            scenario,
+        }
     }
 }
 
@@ -220,8 +236,43 @@ impl AnalyticsService for AnalyticsApi {
         request: Request<GetScenarioFunnelRequest>,
     ) -> Result<Response<GetScenarioFunnelResponse>, Status> {
         Caller::authorize_request(&request, &request.get_ref().tenant_id)?;
-        Err(Status::unimplemented(
-            "GetScenarioFunnel: scenario does not publish its run steps to analytics yet",
-        ))
+        let r = request.into_inner();
+        if r.scenario_id.is_empty() {
+            return Err(Status::invalid_argument("scenario_id: must not be empty"));
+        }
+        let (from, before) = match r.range.as_ref() {
+            Some(range) => {
+                let (start, end) = self::range(Some(range), Duration::days(7))?;
+                (Some(start), range.end.as_ref().map(|_| end))
+            }
+            None => (None, None),
+        };
+        // scenario owns its runs and counts them; analytics serves the
+        // funnel beside the other figures of a dashboard.
+        let funnel = self
+            .scenario
+            .clone()
+            .get_funnel(GetFunnelRequest {
+                tenant_id: r.tenant_id,
+                scenario_id: r.scenario_id,
+                version: r.version,
+                started_from: from.map(timestamp::to_proto),
+                started_before: before.map(timestamp::to_proto),
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(GetScenarioFunnelResponse {
+            entered: funnel.entered,
+            steps: funnel
+                .steps
+                .into_iter()
+                .map(|s| FunnelStep {
+                    step_id: s.step_id,
+                    reached: s.reached,
+                })
+                .collect(),
+            completed: funnel.completed,
+            ended_early: funnel.ended_early,
+        }))
     }
 }

@@ -40,6 +40,19 @@ impl Program {
         pc >= self.ops.len()
     }
 
+    /// The step ids in definition order (a branch before its `then`
+    /// steps, those before its `else` steps).
+    pub fn step_ids(&self) -> Vec<&str> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Branch { step_id, .. } => Some(step_id.as_str()),
+                Op::Step(s) => Some(s.id.as_str()),
+                Op::Jump(_) => None,
+            })
+            .collect()
+    }
+
     /// Compiles a (checked) definition.
     pub fn compile(definition: &ScenarioDefinition) -> Self {
         let mut ops = Vec::new();

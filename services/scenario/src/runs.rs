@@ -530,4 +530,49 @@ impl Runs {
         .fetch_all(&self.pool)
         .await?)
     }
+
+    /// Counts a scenario's runs (of `version`, or all when 0) started in
+    /// `[from, before)`: (entered, completed, ended early) and per step the
+    /// runs that executed it.
+    pub async fn funnel(
+        &self,
+        tenant_id: &str,
+        scenario_id: &str,
+        version: i64,
+        from: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<((i64, i64, i64), Vec<(String, i64)>)> {
+        let totals: (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE status = 'completed'),
+                    count(*) FILTER (WHERE status IN ('stopped', 'failed'))
+               FROM runs
+              WHERE tenant_id = $1 AND scenario_id = $2 AND ($3 = 0 OR version = $3)
+                AND ($4::timestamptz IS NULL OR started_at >= $4)
+                AND ($5::timestamptz IS NULL OR started_at < $5)",
+        )
+        .bind(tenant_id)
+        .bind(scenario_id)
+        .bind(version)
+        .bind(from)
+        .bind(before)
+        .fetch_one(&self.pool)
+        .await?;
+        let steps: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT s.step_id, count(DISTINCT s.run_id)
+               FROM runs r JOIN run_steps s ON s.tenant_id = r.tenant_id AND s.run_id = r.run_id
+              WHERE r.tenant_id = $1 AND r.scenario_id = $2 AND ($3 = 0 OR r.version = $3)
+                AND ($4::timestamptz IS NULL OR r.started_at >= $4)
+                AND ($5::timestamptz IS NULL OR r.started_at < $5)
+              GROUP BY s.step_id",
+        )
+        .bind(tenant_id)
+        .bind(scenario_id)
+        .bind(version)
+        .bind(from)
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((totals, steps))
+    }
 }

@@ -5,10 +5,10 @@ use hibiki_proto::contacts::v1::GetTenantRequest;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::scenario::v1::scenario_service_server::ScenarioService;
 use hibiki_proto::scenario::v1::{
-    ApplyRequest, DisableRequest, DryRunRequest, DryRunResponse, EnableRequest, GetRunRequest,
-    GetScenarioRequest, ListRunsRequest, ListRunsResponse, ListScenariosRequest,
-    ListScenariosResponse, ListVersionsRequest, ListVersionsResponse, Run, Scenario,
-    StartRunRequest, StartRunResponse, apply_request,
+    ApplyRequest, DisableRequest, DryRunRequest, DryRunResponse, EnableRequest, Funnel, FunnelStep,
+    GetFunnelRequest, GetRunRequest, GetScenarioRequest, ListRunsRequest, ListRunsResponse,
+    ListScenariosRequest, ListScenariosResponse, ListVersionsRequest, ListVersionsResponse, Run,
+    Scenario, StartRunRequest, StartRunResponse, apply_request,
 };
 use hibiki_runtime::Caller;
 use hibiki_runtime::error::ServiceError;
@@ -16,6 +16,7 @@ use hibiki_runtime::grpc::ClientInterceptor;
 use tonic::{Request, Response, Status};
 
 use crate::definition;
+use crate::program::Program;
 use crate::runs::Runs;
 use crate::store::Scenarios;
 
@@ -617,5 +618,62 @@ impl ScenarioService for ScenarioApi {
             return Err(Status::invalid_argument("run_id: must not be empty"));
         }
         Ok(Response::new(self.runs.get(&r.tenant_id, &r.run_id).await?))
+    }
+
+    async fn get_funnel(
+        &self,
+        request: Request<GetFunnelRequest>,
+    ) -> Result<Response<Funnel>, Status> {
+        let r = request.get_ref();
+        authorize(&request, &r.tenant_id)?;
+        require_id(&r.scenario_id)?;
+        let time = |t: &Option<prost_types::Timestamp>, field: &str| match t {
+            None => Ok(None),
+            Some(t) => hibiki_runtime::timestamp::from_proto(t)
+                .map(Some)
+                .ok_or_else(|| Status::invalid_argument(format!("{field}: not a valid time"))),
+        };
+        let from = time(&r.started_from, "started_from")?;
+        let before = time(&r.started_before, "started_before")?;
+        if let (Some(f), Some(b)) = (from, before)
+            && b < f
+        {
+            return Err(Status::invalid_argument(
+                "started_before: before started_from",
+            ));
+        }
+        // The version's steps give the order (NOT_FOUND when unknown).
+        let scenario = self
+            .scenarios
+            .get(&r.tenant_id, &r.scenario_id, r.version)
+            .await?;
+        let program = Program::compile(&scenario.definition.unwrap_or_default());
+        let ((entered, completed, ended_early), reached) = self
+            .runs
+            .funnel(&r.tenant_id, &r.scenario_id, r.version, from, before)
+            .await?;
+        let mut reached: std::collections::HashMap<String, i64> = reached.into_iter().collect();
+        let mut steps: Vec<FunnelStep> = program
+            .step_ids()
+            .into_iter()
+            .map(|id| FunnelStep {
+                step_id: id.to_owned(),
+                reached: reached.remove(id).unwrap_or(0),
+            })
+            .collect();
+        // Steps only older versions had, after the current ones.
+        let mut older: Vec<(String, i64)> = reached.into_iter().collect();
+        older.sort();
+        steps.extend(
+            older
+                .into_iter()
+                .map(|(step_id, reached)| FunnelStep { step_id, reached }),
+        );
+        Ok(Response::new(Funnel {
+            entered,
+            steps,
+            completed,
+            ended_early,
+        }))
     }
 }

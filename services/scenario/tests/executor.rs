@@ -1237,3 +1237,131 @@ async fn a_refollow_starts_its_scenario_and_a_stop_ends_the_run_there() {
         "a re-follow is not a first follow"
     );
 }
+
+#[tokio::test]
+async fn a_funnel_counts_runs_by_how_far_they_went_in_scenario_and_in_analytics() {
+    use hibiki_proto::analytics::v1::GetScenarioFunnelRequest;
+    use hibiki_proto::analytics::v1::analytics_service_client::AnalyticsServiceClient;
+    use hibiki_proto::scenario::v1::GetFunnelRequest;
+    let mesh = mesh().await;
+    let scenario_id = mesh
+        .apply(
+            "name: sort\ntrigger: { postback: { prefix: 'sort' } }\nsteps:\n\
+             - { id: seen, add_tags: [seen] }\n\
+             - { id: vip, branch: { if: { has_tag: vip }, \
+                 then: [{ id: gold, add_tags: [gold] }, { id: end, stop: {} }], \
+                 else: [{ id: silver, add_tags: [silver] }] } }\n\
+             - { id: last, add_tags: [done] }\n",
+        )
+        .await;
+    // One VIP (stopped early), two regular friends (completed).
+    ContactServiceClient::new(authorized(&mesh.contacts, SERVICE_TOKEN))
+        .add_tags(hibiki_proto::contacts::v1::AddTagsRequest {
+            contact: Some(ContactRef {
+                tenant_id: "acme".into(),
+                line_user_id: user(70),
+            }),
+            tags: vec!["vip".into()],
+            idempotency_key: "vip-70".into(),
+        })
+        .await
+        .unwrap();
+    for n in 70..73 {
+        mesh.append(&event(
+            &format!("01FUNNEL0000000000000{n:03}"),
+            &user(n),
+            Payload::Postback(PostbackEvent {
+                data: "sort".into(),
+                ..Default::default()
+            }),
+            "",
+        ))
+        .await;
+    }
+    until_run(&mesh, &user(70), RunStatus::Stopped).await;
+    until_run(&mesh, &user(71), RunStatus::Completed).await;
+    until_run(&mesh, &user(72), RunStatus::Completed).await;
+
+    let funnel = mesh
+        .client()
+        .get_funnel(GetFunnelRequest {
+            tenant_id: "acme".into(),
+            scenario_id: scenario_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let steps: Vec<(&str, i64)> = funnel
+        .steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.reached))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("seen", 3),
+            ("vip", 3),
+            ("gold", 1),
+            ("end", 1),
+            ("silver", 2),
+            ("last", 2)
+        ]
+    );
+    assert_eq!(
+        (funnel.entered, funnel.completed, funnel.ended_early),
+        (3, 2, 1)
+    );
+
+    // analytics serves the same funnel to dashboards.
+    let mut env = mesh.env.clone();
+    env.insert("HIBIKI_SCENARIO_URL".into(), mesh.scenario.clone());
+    let (analytics, stop, _t) = lifecycle::start::<hibiki_analytics::Application>(&env).await;
+    wait_for_health(&analytics, ServingStatus::Serving).await;
+    let served = AnalyticsServiceClient::new(authorized(&analytics, SERVICE_TOKEN))
+        .get_scenario_funnel(GetScenarioFunnelRequest {
+            tenant_id: "acme".into(),
+            scenario_id: scenario_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let served_steps: Vec<(&str, i64)> = served
+        .steps
+        .iter()
+        .map(|s| (s.step_id.as_str(), s.reached))
+        .collect();
+    assert_eq!(served_steps, steps);
+    assert_eq!(
+        (served.entered, served.completed, served.ended_early),
+        (3, 2, 1)
+    );
+    // A range before the runs started counts none.
+    let none = mesh
+        .client()
+        .get_funnel(GetFunnelRequest {
+            tenant_id: "acme".into(),
+            scenario_id: scenario_id.clone(),
+            started_before: Some(hibiki_runtime::timestamp::to_proto(
+                chrono::Utc::now() - chrono::Duration::hours(1),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.entered, 0);
+    assert!(none.steps.iter().all(|s| s.reached == 0));
+    let unknown = mesh
+        .client()
+        .get_funnel(GetFunnelRequest {
+            tenant_id: "acme".into(),
+            scenario_id: "sc_unknown".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    stop.trigger();
+}

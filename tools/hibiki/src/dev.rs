@@ -331,6 +331,10 @@ async fn launch<S: Service>(
             format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 1)),
         )
         .set(
+            "HIBIKI_SCENARIO_URL",
+            format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 2)),
+        )
+        .set(
             "HIBIKI_DELIVERY_URL",
             format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 3)),
         )
