@@ -6,12 +6,15 @@
 //! - `hibiki dlq list|replay --tenant T` shows and replays dead letters.
 //! - `hibiki scenario apply -f F --tenant T` applies a scenario; `list`,
 //!   `versions`, `enable`, `disable`.
+//! - `hibiki stats --tenant T` prints a tenant's live figures; `hibiki watch
+//!   --tenant T` follows its segment counts.
 #![forbid(unsafe_code)]
 
 mod dev;
 mod dlq;
 mod import;
 mod scenario;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -35,6 +38,10 @@ enum Command {
     Dlq(dlq::DlqArgs),
     /// Scenarios: apply YAML definitions, list, enable, disable.
     Scenario(scenario::ScenarioArgs),
+    /// A tenant's segment counts, event rates and deliveries (analytics).
+    Stats(stats::StatsArgs),
+    /// Follow a tenant's segment counts as they change (analytics).
+    Watch(stats::WatchArgs),
 }
 
 /// The services' allocator, also when `hibiki dev` runs them in-process.
@@ -53,6 +60,8 @@ fn main() -> ExitCode {
             Command::Import(args) => import::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
             Command::Scenario(args) => scenario::run(args).await,
+            Command::Stats(args) => stats::run_stats(args).await,
+            Command::Watch(args) => stats::run_watch(args).await,
         }
     })
 }
