@@ -427,3 +427,40 @@ async fn event_ids_are_remembered_by_the_day_of_the_event_for_the_dedupe_window(
     ));
     assert_eq!(log.append(&[old]).await.unwrap(), [Appended::Duplicate]);
 }
+
+#[tokio::test]
+async fn a_stopped_follower_holds_the_log_back_only_for_its_retention() {
+    let (log, _redis, _keys) = log(10_000);
+    let log = log.with_followers(vec!["analytics".into()], Duration::from_millis(1500));
+    let users: Vec<String> = (0..8).map(|n| format!("U{n:02}")).collect();
+    append_rounds(&log, &users, 0..3, "a").await;
+    // analytics reads a little and stops; scenario reads everything.
+    let follower = Consumer::start(log.clone(), consumer_config("analytics", "f", 600));
+    let first = follower.next().await.unwrap();
+    assert!(!first.is_empty());
+    follower.stop().await;
+    let scenario = Consumer::start(log.clone(), consumer_config("scenario", "s", 600));
+    let mut seen = Vec::new();
+    drain(&scenario, &mut seen, |s| s.len() == 24).await;
+    // Within its retention the follower's entries are kept for it...
+    assert!(total_length(&log).await > 0, "trimmed under the follower");
+    // ...and after it, trimmed: the log does not wait for the follower.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while total_length(&log).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower holds the log: {:?}",
+            log.stats().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An ordinary group that stops holds the log as long as it needs.
+    append_rounds(&log, &users, 3..4, "b").await;
+    scenario.stop().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let other = Consumer::start(log.clone(), consumer_config("scenario", "t", 600));
+    assert_eq!(total_length(&log).await, 8, "kept for scenario");
+    let mut seen = Vec::new();
+    drain(&other, &mut seen, |s| s.len() == 8).await;
+    other.stop().await;
+}

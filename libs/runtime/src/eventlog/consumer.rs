@@ -50,8 +50,12 @@ return 0
 
 /// Trims a shard up to the oldest entry a group still needs: its oldest
 /// pending entry, or else the first after its last delivered one. KEYS =
-/// stream. Without
-/// groups nothing is trimmed (nobody has read anything yet).
+/// stream; ARGV = how long (ms) a follower group may hold entries back,
+/// then the follower groups' names. A follower (analytics) holds the log
+/// back at most that long, so a stopped follower never fills the log and
+/// turns the gateway's back-pressure on; the other groups (scenario) hold
+/// it as long as they need. Without groups nothing is trimmed (nobody has
+/// read anything yet).
 const TRIM: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local function parse(id)
@@ -63,7 +67,9 @@ local function less(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
-local floor = nil
+local followers = {}
+for i = 2, #ARGV do followers[ARGV[i]] = true end
+local floor, follow = nil, nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local f = {}
   for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
@@ -71,7 +77,20 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local need = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
   local pending = redis.call('XPENDING', KEYS[1], f['name'])
   if pending[1] > 0 then need = pending[2] end
-  if floor == nil or less(need, floor) then floor = need end
+  if followers[f['name']] then
+    if follow == nil or less(need, follow) then follow = need end
+  elseif floor == nil or less(need, floor) then
+    floor = need
+  end
+end
+if follow ~= nil then
+  if floor ~= nil then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local oldest = string.format('%d', now - tonumber(ARGV[1])) .. '-0'
+    if less(follow, oldest) then follow = oldest end
+  end
+  if floor == nil or less(follow, floor) then floor = follow end
 end
 if floor == nil then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
@@ -295,7 +314,12 @@ impl Consumer {
                 .ignore();
             // Trim in the same round trip, so the shard's length (the
             // gateway's back-pressure) follows the slowest group at once.
-            pipe.cmd("EVAL").arg(TRIM).arg(1).arg(key).ignore();
+            pipe.cmd("EVAL")
+                .arg(TRIM)
+                .arg(1)
+                .arg(key)
+                .arg(self.log.trim_args())
+                .ignore();
         }
         self.log.redis().pipeline::<()>(&pipe).await?;
         let mut owned = self.owned.lock().expect("shard map lock");
@@ -530,6 +554,7 @@ async fn balance(
                 .arg(TRIM)
                 .arg(1)
                 .arg(log.stream_key(shard))
+                .arg(log.trim_args())
                 .ignore();
         }
         redis.pipeline::<()>(&pipe).await?;

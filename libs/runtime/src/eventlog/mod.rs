@@ -180,6 +180,14 @@ pub struct EventLogConfig {
     /// `HIBIKI_EVENTLOG_DEDUPE_HOURS`: how long an appended event id is
     /// remembered (at least 24: LINE redelivers for hours). Default 48.
     pub dedupe_ttl: Duration,
+    /// `HIBIKI_EVENTLOG_FOLLOWERS`: consumer groups that follow the log
+    /// without holding it (comma-separated). Default `analytics`.
+    pub followers: Vec<String>,
+    /// `HIBIKI_EVENTLOG_FOLLOWER_RETENTION_MS`: how long the log keeps, for
+    /// a follower that lags or is stopped, entries the other groups have
+    /// finished with. Default 120,000 (2 minutes): a follower stopped
+    /// longer misses the older ones.
+    pub follower_retention: Duration,
 }
 
 impl EventLogConfig {
@@ -204,9 +212,25 @@ impl EventLogConfig {
             shards: shards as u32,
             max_len: r.positive("HIBIKI_EVENTLOG_MAX_LEN", 100_000)? as u64,
             dedupe_ttl: Duration::from_secs(hours * 3600),
+            followers: r
+                .string("HIBIKI_EVENTLOG_FOLLOWERS", DEFAULT_FOLLOWER)
+                .split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            follower_retention: r.millis(
+                "HIBIKI_EVENTLOG_FOLLOWER_RETENTION_MS",
+                DEFAULT_FOLLOWER_RETENTION,
+            )?,
         })
     }
 }
+
+/// The consumer group that follows the log by default (analytics).
+pub const DEFAULT_FOLLOWER: &str = "analytics";
+/// How long the log keeps entries for a follower by default.
+pub const DEFAULT_FOLLOWER_RETENTION: Duration = Duration::from_secs(120);
 
 /// The sharded event log on one Redis.
 #[derive(Clone)]
@@ -215,6 +239,8 @@ pub struct EventLog {
     shards: u32,
     max_len: u64,
     dedupe_ttl: Duration,
+    followers: Arc<Vec<String>>,
+    follower_retention: Duration,
     /// The writer task's queue, started by the first append.
     writer: Arc<OnceLock<mpsc::Sender<Pending>>>,
 }
@@ -249,6 +275,8 @@ impl EventLog {
             shards: shards.max(1),
             max_len,
             dedupe_ttl,
+            followers: Arc::new(vec![DEFAULT_FOLLOWER.to_owned()]),
+            follower_retention: DEFAULT_FOLLOWER_RETENTION,
             writer: Arc::default(),
         }
     }
@@ -256,6 +284,23 @@ impl EventLog {
     /// The log on `redis` as `config` describes it.
     pub fn from_config(redis: Redis, config: &EventLogConfig) -> Self {
         Self::new(redis, config.shards, config.max_len, config.dedupe_ttl)
+            .with_followers(config.followers.clone(), config.follower_retention)
+    }
+
+    /// The same log, with `followers` (consumer groups that hold entries
+    /// back at most `retention`).
+    pub fn with_followers(mut self, followers: Vec<String>, retention: Duration) -> Self {
+        self.followers = Arc::new(followers);
+        self.follower_retention = retention;
+        self
+    }
+
+    /// The trim script's arguments: the followers' retention (ms) and
+    /// names.
+    pub(crate) fn trim_args(&self) -> Vec<String> {
+        std::iter::once(self.follower_retention.as_millis().to_string())
+            .chain(self.followers.iter().cloned())
+            .collect()
     }
 
     /// How many shards the log has.
