@@ -48,9 +48,10 @@ impl Fold {
         &self.pool
     }
 
-    /// Folds membership records in stream order: runs of changes as
-    /// deltas, a snapshot as the count set whole. Returns the counts that
-    /// changed.
+    /// Folds membership records in stream order: changes (+1, -1) and bulk
+    /// deltas as deltas, which commute, so the count equals contacts'
+    /// whatever order they come in; a snapshot (a deletion) sets the count
+    /// whole. Returns the counts that changed.
     pub async fn memberships(
         &self,
         records: Vec<MembershipChangeRecord>,
@@ -63,7 +64,7 @@ impl Fold {
                 changed.extend(self.deltas(&run).await?);
                 run.clear();
                 changed.extend(self.snapshot(r).await?);
-            } else if r.change.is_some() {
+            } else if r.change.is_some() || r.bulk.is_some() {
                 run.push(r);
             }
         }
@@ -81,11 +82,15 @@ impl Fold {
         let mut deltas = Vec::with_capacity(records.len());
         let mut at = Vec::with_capacity(records.len());
         for r in records {
-            let change = r.change.as_ref().expect("a change");
+            let (segment, delta) = match (&r.change, &r.bulk) {
+                (Some(c), _) => (c.segment_id.as_str(), if c.entered { 1i64 } else { -1 }),
+                (None, Some(b)) => (b.segment_id.as_str(), b.delta),
+                (None, None) => continue,
+            };
             tenants.push(r.tenant_id.as_str());
             ids.push(r.change_id.as_str());
-            segments.push(change.segment_id.as_str());
-            deltas.push(if change.entered { 1i64 } else { -1 });
+            segments.push(segment);
+            deltas.push(delta);
             at.push(committed_at(r));
         }
         Ok(sqlx::query_as(

@@ -17,7 +17,8 @@
 //! seconds for this, so small segments come back READY.
 //!
 //! The same worker folds count deltas into `member_count` every second and
-//! publishes a snapshot of each count it moved.
+//! publishes, per segment, the sum of the deltas that had no membership
+//! record of their own (an import's, a computation's) as one bulk delta.
 
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use hibiki_proto::contacts::v1::{
     CreateSegmentRequest, DeleteSegmentRequest, DeleteSegmentResponse, GetSegmentCountsRequest,
     GetSegmentCountsResponse, GetSegmentRequest, ListSegmentMembersRequest,
     ListSegmentMembersResponse, ListSegmentsRequest, ListSegmentsResponse, MembershipChangeRecord,
-    Segment, SegmentCount, SegmentRule, SegmentSnapshot, SegmentStatus, UpdateSegmentRequest,
+    Segment, SegmentCount, SegmentDelta, SegmentRule, SegmentSnapshot, SegmentStatus,
+    UpdateSegmentRequest,
 };
 use hibiki_runtime::postgres::QueueVacuum;
 use hibiki_runtime::timestamp::to_proto;
@@ -445,13 +447,52 @@ impl SegmentService for Segments {
     }
 }
 
-/// Queues a whole-count record for a segment.
+/// Queues a whole-count record for a segment (its deletion).
 pub(crate) async fn write_snapshot(
     tx: &mut sqlx::PgConnection,
     tenant: &str,
     segment: &str,
     count: i64,
     deleted: bool,
+) -> Result<()> {
+    write_record(
+        tx,
+        tenant,
+        Some(SegmentSnapshot {
+            segment_id: segment.to_owned(),
+            member_count: count,
+            deleted,
+        }),
+        None,
+    )
+    .await
+}
+
+/// Queues a bulk delta record for a segment: members that entered or left
+/// without a record each.
+pub(crate) async fn write_bulk(
+    tx: &mut sqlx::PgConnection,
+    tenant: &str,
+    segment: &str,
+    delta: i64,
+) -> Result<()> {
+    write_record(
+        tx,
+        tenant,
+        None,
+        Some(SegmentDelta {
+            segment_id: segment.to_owned(),
+            delta,
+        }),
+    )
+    .await
+}
+
+async fn write_record(
+    tx: &mut sqlx::PgConnection,
+    tenant: &str,
+    snapshot: Option<SegmentSnapshot>,
+    bulk: Option<SegmentDelta>,
 ) -> Result<()> {
     let id: i64 = sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('outbox', 'id'))")
         .fetch_one(&mut *tx)
@@ -462,11 +503,8 @@ pub(crate) async fn write_snapshot(
         committed_at: Some(to_proto(Utc::now())),
         change_id: format!("m{id}"),
         trace: Some(hibiki_runtime::telemetry::current_trace_context()),
-        snapshot: Some(SegmentSnapshot {
-            segment_id: segment.to_owned(),
-            member_count: count,
-            deleted,
-        }),
+        snapshot,
+        bulk,
     };
     sqlx::query("INSERT INTO outbox (tenant_id, id, payload) VALUES ($1, $2, $3)")
         .bind(tenant)
@@ -677,10 +715,12 @@ async fn sweep(
             .bind(version)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(count) = count else {
+        if count.is_none() {
             continue 'restart;
-        };
-        write_snapshot(&mut tx, tenant, segment, count, false).await?;
+        }
+        // The computation's own changes reach consumers as bulk deltas when
+        // they are folded; this one (of 0) tells them the segment exists.
+        write_bulk(&mut tx, tenant, segment, 0).await?;
         tx.commit().await?;
         tracing::info!(
             tenant_id = %tenant,
@@ -708,18 +748,22 @@ pub async fn fold_counts(pool: &PgPool) -> Result<()> {
         let mut tx = pool.begin().await?;
         let folded: Option<(i64, i64)> = sqlx::query_as(
             "WITH d AS (DELETE FROM segment_count_deltas WHERE tenant_id = $1 AND segment_id = $2 \
-                        RETURNING delta) \
+                        RETURNING delta, announced) \
              UPDATE segments SET member_count = member_count + (SELECT COALESCE(sum(delta), 0) FROM d) \
              WHERE tenant_id = $1 AND segment_id = $2 \
-             RETURNING member_count, (SELECT count(*) FROM d)",
+             RETURNING (SELECT COALESCE(sum(delta) FILTER (WHERE NOT announced), 0) FROM d)::bigint, \
+                       (SELECT count(*) FROM d)",
         )
         .bind(&tenant)
         .bind(&segment)
         .fetch_optional(&mut *tx)
         .await?;
         let mut deleted = 0;
-        if let Some((count, rows)) = folded {
-            write_snapshot(&mut tx, &tenant, &segment, count, false).await?;
+        if let Some((silent, rows)) = folded {
+            // Changes published one by one are not published again.
+            if silent != 0 {
+                write_bulk(&mut tx, &tenant, &segment, silent).await?;
+            }
             deleted = rows as u64;
         }
         tx.commit().await?;

@@ -475,8 +475,8 @@ impl Evaluated {
         // transaction sees: committed changes plus its own.
         let sql = format!(
             "WITH moved AS ( \
-               INSERT INTO segment_count_deltas (tenant_id, segment_id, delta) \
-               SELECT $1, id, d FROM unnest($2::text[], $3::bigint[]) AS x(id, d)) \
+               INSERT INTO segment_count_deltas (tenant_id, segment_id, delta, announced) \
+               SELECT $1, id, d, true FROM unnest($2::text[], $3::bigint[]) AS x(id, d)) \
              SELECT s.segment_id, {COUNT_SQL} + x.d \
              FROM segments s JOIN unnest($2::text[], $3::bigint[]) AS x(id, d) ON s.segment_id = x.id \
              WHERE s.tenant_id = $1"
@@ -574,6 +574,7 @@ pub async fn write_outbox(
                 change_id: format!("m{id}"),
                 trace: Some(trace.clone()),
                 snapshot: None,
+                bulk: None,
             }
             .encode_to_vec()
         })

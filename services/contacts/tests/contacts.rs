@@ -614,16 +614,38 @@ async fn committed_membership_changes_are_published_to_redis() {
         (changes[0].segment_id.as_str(), changes[0].entered),
         (vip.as_str(), true)
     );
-    let snapshot = records
+    let computed = records
         .iter()
-        .find_map(|r| r.snapshot.as_ref())
-        .expect("the computed count");
+        .find_map(|r| r.bulk.as_ref())
+        .expect("the computed segment is announced");
     assert_eq!(
-        (snapshot.segment_id.as_str(), snapshot.member_count),
+        (computed.segment_id.as_str(), computed.delta),
         (vip.as_str(), 0)
     );
     let ids: BTreeSet<&str> = records.iter().map(|r| r.change_id.as_str()).collect();
     assert_eq!(ids.len(), records.len(), "change ids are unique");
+
+    // Once the count deltas are folded (every second), the change already
+    // published is not published again: the records sum to the count.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let records = published(&c).await;
+    let sum: i64 = records
+        .iter()
+        .map(|r| match (&r.change, &r.bulk) {
+            (Some(c), _) => {
+                if c.entered {
+                    1
+                } else {
+                    -1
+                }
+            }
+            (None, Some(b)) => b.delta,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(sum, count(&c, &vip).await, "{records:?}");
+    assert_eq!(sum, 1);
+    assert!(records.iter().all(|r| r.snapshot.is_none()), "{records:?}");
 }
 
 /// Every member of a segment, through ListSegmentMembers' pages.
