@@ -285,7 +285,12 @@ async fn records(
         let folded = match source {
             Source::Membership => {
                 let records = decode::<MembershipChangeRecord>(&entries, source);
-                fold.memberships(records).await.map(|c| c.len() as u64)
+                let traces: Vec<_> = records.iter().filter_map(|r| r.trace.clone()).collect();
+                let folded = fold.memberships(records).await;
+                if folded.is_ok() {
+                    counted_in_traces(&traces);
+                }
+                folded.map(|c| c.len() as u64)
             }
             Source::Outcomes => {
                 let records = decode::<DeliveryOutcomeRecord>(&entries, source);
@@ -310,6 +315,19 @@ async fn records(
                 pause(&stop, Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+/// Marks, in each change's trace, that the live count now includes it: the
+/// last hop of a tap's trace (webhook → … → contacts → analytics).
+fn counted_in_traces(traces: &[hibiki_proto::common::v1::TraceContext]) {
+    for trace in traces.iter().filter(|t| !t.traceparent.is_empty()) {
+        let span = tracing::info_span!("analytics.count");
+        hibiki_runtime::telemetry::set_parent(
+            &span,
+            hibiki_runtime::telemetry::context_from_payload(trace),
+        );
+        span.in_scope(|| {});
     }
 }
 

@@ -34,7 +34,7 @@ use hibiki_proto::delivery::v1::{
 };
 use hibiki_runtime::channels::{Channels, Lookup};
 use hibiki_runtime::redis::{redis, streams};
-use hibiki_runtime::{Shutdown, timestamp};
+use hibiki_runtime::{Shutdown, telemetry, timestamp};
 use prost::Message;
 use rand::Rng;
 use tokio::sync::Semaphore;
@@ -383,7 +383,13 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
             if call.kind() == CallKind::ExpandSegment {
                 inflight.spawn(expand(ctx.clone(), q.clone(), from.to_owned(), id, call));
             } else {
-                inflight.spawn(send(ctx.clone(), q.clone(), from.to_owned(), id, call));
+                inflight.spawn(traced_send(
+                    ctx.clone(),
+                    q.clone(),
+                    from.to_owned(),
+                    id,
+                    call,
+                ));
             }
         };
     loop {
@@ -815,6 +821,26 @@ enum Settle {
 }
 
 /// Sends one call and settles it.
+/// [`send`] in a span continuing the trace of the request that queued the
+/// call (across the queue), whose context the call to LINE carries.
+async fn traced_send(ctx: Arc<Ctx>, q: QueueId, from: String, id: String, mut call: QueuedCall) {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "delivery.line_call",
+        channel_id = %call.channel_id,
+        recipients = users_of(&call)
+    );
+    if let Some(trace) = call.trace.as_ref().filter(|t| !t.traceparent.is_empty()) {
+        telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+        // LINE sees this span as the caller.
+        let own = span.in_scope(telemetry::current_trace_context);
+        if !own.traceparent.is_empty() {
+            call.trace = Some(own);
+        }
+    }
+    send(ctx, q, from, id, call).instrument(span).await
+}
+
 async fn send(ctx: Arc<Ctx>, q: QueueId, from: String, id: String, mut call: QueuedCall) {
     let at = Entry { q, from, id };
     let endpoint = endpoint_of(&call);

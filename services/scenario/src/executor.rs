@@ -44,11 +44,12 @@ use hibiki_proto::delivery::v1::{
     LinkRichMenuRequest, SendRequest, link_rich_menu_request, send_request,
 };
 use hibiki_proto::scenario::v1::{ReentryPolicy, step, switch_rich_menu_action, wait_action};
-use hibiki_runtime::Shutdown;
 use hibiki_runtime::eventlog::{Consumer, ConsumerConfig, EventLog};
 use hibiki_runtime::grpc::ClientInterceptor;
+use hibiki_runtime::{Shutdown, telemetry};
 use prost::Message;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::conditions;
 use crate::matching::Matcher;
@@ -386,8 +387,24 @@ impl Executor {
         Ok(list)
     }
 
-    /// Starts the runs `event` triggers and walks them.
+    /// Starts the runs `event` triggers and walks them, in a span that
+    /// continues the event's trace (from the webhook, across the log).
     async fn trigger(
+        &self,
+        event: &InboundEvent,
+    ) -> Result<(), hibiki_runtime::error::ServiceError> {
+        let span = tracing::info_span!(
+            "scenario.event",
+            tenant_id = %event.tenant_id,
+            event_type = %event.r#type
+        );
+        if let Some(trace) = event.trace.as_ref() {
+            telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+        }
+        self.trigger_traced(event).instrument(span).await
+    }
+
+    async fn trigger_traced(
         &self,
         event: &InboundEvent,
     ) -> Result<(), hibiki_runtime::error::ServiceError> {
@@ -496,7 +513,20 @@ impl Executor {
             match self.runs.claim_due(50).await {
                 Ok(runs) if !runs.is_empty() => {
                     for run in runs {
-                        self.walk(run).await;
+                        // A resumed run continues the trace it started in.
+                        let span = tracing::info_span!(
+                            "scenario.resume",
+                            tenant_id = %run.tenant_id,
+                            run_id = %run.run_id
+                        );
+                        if !run.traceparent.is_empty() {
+                            let trace = hibiki_proto::common::v1::TraceContext {
+                                traceparent: run.traceparent.clone(),
+                                tracestate: String::new(),
+                            };
+                            telemetry::set_parent(&span, telemetry::context_from_payload(&trace));
+                        }
+                        self.walk(run).instrument(span).await;
                     }
                     continue;
                 }
