@@ -113,7 +113,10 @@ async fn one_tap_is_one_trace_through_every_service_and_the_queues() {
         "delivery.line_call",
         "analytics.count",
     ] {
-        assert!(names.contains(want), "no {want} span in the trace: {names:?}");
+        assert!(
+            names.contains(want),
+            "no {want} span in the trace: {names:?}"
+        );
     }
 
     // Every span hangs off another span of the trace, or off the caller's.
@@ -162,7 +165,8 @@ async fn one_tap_is_one_trace_through_every_service_and_the_queues() {
     for call in spans.iter().filter(|s| s.name == "delivery.line_call") {
         let up = ancestors(call);
         assert!(
-            up.iter().any(|n| n.starts_with("/hibiki.delivery.v1.DeliveryService/")),
+            up.iter()
+                .any(|n| n.starts_with("/hibiki.delivery.v1.DeliveryService/")),
             "a LINE call's ancestors: {up:?}"
         );
     }

@@ -8,6 +8,8 @@
 //!   `versions`, `enable`, `disable`.
 //! - `hibiki stats --tenant T` prints a tenant's live figures; `hibiki watch
 //!   --tenant T` follows its segment counts.
+//! - `hibiki storm --users N --rate R` runs the campaign storm against a
+//!   running mesh and checks every friend.
 #![forbid(unsafe_code)]
 
 mod dev;
@@ -15,6 +17,7 @@ mod dlq;
 mod import;
 mod scenario;
 mod stats;
+mod storm;
 
 use std::process::ExitCode;
 
@@ -42,6 +45,9 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Follow a tenant's segment counts as they change (analytics).
     Watch(stats::WatchArgs),
+    /// The campaign storm against a running mesh: taps from line-sim, then
+    /// every friend checked.
+    Storm(storm::StormArgs),
 }
 
 /// The services' allocator, also when `hibiki dev` runs them in-process.
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
             Command::Scenario(args) => scenario::run(args).await,
             Command::Stats(args) => stats::run_stats(args).await,
             Command::Watch(args) => stats::run_watch(args).await,
+            Command::Storm(args) => storm::run(args).await,
         }
     })
 }

@@ -264,6 +264,36 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // `hibiki storm` runs the campaign storm against this mesh and checks
+    // every friend: tag, menu, one message, and the live count.
+    let storm = tokio::process::Command::new(env!("CARGO_BIN_EXE_hibiki"))
+        .args(["storm", "--users", "150", "--rate", "300"])
+        .args(["--gateway", &format!("http://127.0.0.1:{http_port}")])
+        .args(["--line-sim-admin", &admin])
+        .args(["--contacts", &format!("http://127.0.0.1:{}", grpc_base + 1)])
+        .args([
+            "--analytics",
+            &format!("http://127.0.0.1:{}", grpc_base + 4),
+        ])
+        .output()
+        .await
+        .expect("hibiki storm runs");
+    let out = String::from_utf8_lossy(&storm.stdout);
+    let err = String::from_utf8_lossy(&storm.stderr);
+    assert!(storm.status.success(), "hibiki storm failed:\n{out}\n{err}");
+    assert!(
+        out.contains("rich menus: 150 of 150 linked") && out.contains("webhook → link accepted"),
+        "{out}"
+    );
+    assert!(
+        out.contains("messages: 150 of 150 friends got one (0 got more than one)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("every friend: tagged, switched, thanked once"),
+        "{out}"
+    );
+
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])

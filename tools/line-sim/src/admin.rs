@@ -309,23 +309,39 @@ async fn start_storm(State(sim): State<Sim>, raw: Bytes) -> Response {
     let tokens = sim.clone();
     let issue: Arc<dyn Fn(&str) -> String + Send + Sync> =
         Arc::new(move |user: &str| tokens.lock().issue_reply_token(&channel, user));
+    let posts = sim.clone();
+    let on_accepted: crate::storm::OnAccepted = Arc::new(move |user: &str, at: u64| {
+        posts
+            .lock()
+            .storm_posts
+            .entry(id)
+            .or_default()
+            .push((user.to_owned(), at));
+    });
     let done = sim.clone();
     tokio::spawn(async move {
-        let report = crate::storm::run(spec, issue).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "storm failed");
-            StormReport {
-                done: true,
-                ..StormReport::default()
-            }
-        });
+        let report = crate::storm::run(spec, issue, on_accepted)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "storm failed");
+                StormReport {
+                    done: true,
+                    ..StormReport::default()
+                }
+            });
         done.lock().storms.insert(id, report);
     });
     (StatusCode::ACCEPTED, Json(json!({ "storm_id": id }))).into_response()
 }
 
 async fn storm(State(sim): State<Sim>, Path(id): Path<u64>) -> Response {
-    match sim.lock().storms.get(&id) {
-        Some(r) => Json(r.clone()).into_response(),
+    let s = sim.lock();
+    match s.storms.get(&id) {
+        Some(r) => {
+            let mut report = r.clone();
+            report.chain = Some(s.chain(id));
+            Json(report).into_response()
+        }
         None => error(StatusCode::NOT_FOUND, "not_found", format!("storm {id}")),
     }
 }

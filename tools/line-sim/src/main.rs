@@ -198,7 +198,7 @@ async fn storm(args: Storm) -> Result<(), String> {
             // No simulator to honour them: reply tokens are random.
             let issue: Arc<dyn Fn(&str) -> String + Send + Sync> =
                 Arc::new(|_: &str| hibiki_line_sim::storm::ulid());
-            hibiki_line_sim::storm::run(spec, issue).await?
+            hibiki_line_sim::storm::run(spec, issue, Arc::new(|_: &str, _: u64| {})).await?
         }
     };
     println!(

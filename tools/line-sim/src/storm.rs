@@ -174,13 +174,42 @@ pub struct StormReport {
     pub p99_ms: f64,
     /// Whether the storm is over.
     pub done: bool,
+    /// What became of the accepted webhooks (filled in by line-sim's admin
+    /// API from its ledger when the report is read).
+    #[serde(default)]
+    pub chain: Option<ChainReport>,
 }
+
+/// What the mesh did with a storm's accepted webhooks, as line-sim saw it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ChainReport {
+    /// Users whose webhook was accepted.
+    pub users: u64,
+    /// Of them, users whose rich menu was linked after their webhook.
+    pub linked: u64,
+    /// Of them, users sent at least one message after their webhook.
+    pub messaged: u64,
+    /// Of them, users sent more than one.
+    pub messaged_twice: u64,
+    /// Webhook posted → rich-menu link accepted, in milliseconds.
+    pub link_p50_ms: f64,
+    pub link_p99_ms: f64,
+    pub link_max_ms: f64,
+    /// Links accepted a second, between the 10th and 90th percentile of
+    /// link times.
+    pub link_rate: f64,
+}
+
+/// Called for each webhook the gateway accepted: the user, and when it was
+/// posted (ms since the epoch).
+pub type OnAccepted = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 /// Runs a storm: every user's webhook, signed, at `spec.rate`. Reply
 /// tokens come from `issue_token(user)`.
 pub async fn run(
     spec: StormSpec,
     issue_token: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    on_accepted: OnAccepted,
 ) -> Result<StormReport, String> {
     spec.check()?;
     let client = reqwest::Client::builder()
@@ -194,11 +223,12 @@ pub async fn run(
     let started = Instant::now();
     let workers: Vec<_> = (0..spec.connections)
         .map(|_| {
-            let (spec, next, client, issue_token) = (
+            let (spec, next, client, issue_token, on_accepted) = (
                 spec.clone(),
                 next.clone(),
                 client.clone(),
                 issue_token.clone(),
+                on_accepted.clone(),
             );
             tokio::spawn(async move {
                 let mut answers: Vec<(String, Duration)> = Vec::new();
@@ -220,6 +250,7 @@ pub async fn run(
                     .to_string();
                     let signature = sign(spec.secret.as_bytes(), body.as_bytes());
                     let sent = Instant::now();
+                    let sent_ms = now_ms();
                     let status = match client
                         .post(&spec.url)
                         .header("content-type", "application/json")
@@ -231,6 +262,9 @@ pub async fn run(
                         Ok(r) => r.status().as_u16().to_string(),
                         Err(_) => "error".to_owned(),
                     };
+                    if status == "200" {
+                        on_accepted(&user, sent_ms);
+                    }
                     answers.push((status, sent.elapsed()));
                 }
             })
