@@ -44,6 +44,10 @@ pub struct Contacts {
     pool: PgPool,
     importer: Importer,
     relay: Relay,
+    /// Tenants seen to exist. Tenants are never deleted, so the realtime
+    /// calls (a webhook batch, a scenario step) skip the lookup once a
+    /// tenant is known.
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Contacts {
@@ -51,6 +55,7 @@ impl Contacts {
     /// `relay` after each commit that wrote membership changes.
     pub fn new(pool: PgPool, importer: Importer, relay: Relay) -> Self {
         Self {
+            known: std::sync::Arc::default(),
             pool,
             importer,
             relay,
@@ -219,6 +224,19 @@ fn apply_edit(row: &mut ContactRow, edit: &Edit, set_field: &str) -> Result<()> 
 }
 
 impl Contacts {
+    /// NOT_FOUND unless `tenant` exists (looked up once per tenant).
+    async fn require_tenant(&self, tenant: &str) -> Result<()> {
+        if self.known.lock().expect("known tenants").contains(tenant) {
+            return Ok(());
+        }
+        require_tenant(&self.pool, tenant).await?;
+        self.known
+            .lock()
+            .expect("known tenants")
+            .insert(tenant.to_owned());
+        Ok(())
+    }
+
     /// One idempotent edit of one contact.
     async fn mutate(
         &self,
@@ -231,7 +249,7 @@ impl Contacts {
     ) -> Result<MutationResponse> {
         let _realtime = self.importer.realtime().enter();
         idempotency_key(key)?;
-        require_tenant(&self.pool, tenant).await?;
+        self.require_tenant(tenant).await?;
         let mut tx = self.pool.begin().await?;
         if let Some(previous) = claim_key(&mut tx, tenant, key, operation).await? {
             let mut response = MutationResponse::decode(previous.as_slice())
@@ -312,7 +330,7 @@ impl Contacts {
                 validate::line_user_id(&format!("events[{i}].source.user_id"), user)?;
             }
         }
-        require_tenant(&self.pool, tenant).await?;
+        self.require_tenant(tenant).await?;
         let mut results: Vec<EventResult> = events
             .iter()
             .map(|e| EventResult {

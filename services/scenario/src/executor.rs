@@ -562,6 +562,10 @@ impl Executor {
     }
 
     /// Walks a claimed run from its counter to its first wait or its end.
+    ///
+    /// Steps are recorded together, in one statement, when the run parks,
+    /// ends or cannot go on: a crash before that replays them, and their
+    /// idempotency keys make the replay change and send nothing twice.
     async fn walk(&self, mut run: RunRow) {
         let program = match self.program(&run).await {
             Ok(p) => p,
@@ -571,9 +575,12 @@ impl Executor {
             }
         };
         let mut pc = run.pc.max(0) as usize;
+        let mut done: Vec<(String, String)> = Vec::new();
+        let mut reply_used = false;
         loop {
             let Some(op) = program.ops.get(pc) else {
-                self.end(&run, "completed", "").await;
+                self.record(&run, pc, &done, reply_used, Some("completed"))
+                    .await;
                 return;
             };
             let result = match op {
@@ -602,57 +609,74 @@ impl Executor {
                     }
                     Err(e) => Err(e),
                 },
-                Op::Step(s) => self.step(&run, &program, pc, s).await,
+                Op::Step(s) => {
+                    if matches!(s.action, Some(step::Action::Wait(_))) && !done.is_empty() {
+                        // The wait records itself; what came before first.
+                        if !self.record(&run, pc, &done, reply_used, None).await {
+                            return;
+                        }
+                        done.clear();
+                    }
+                    self.step(&run, &program, pc, s).await
+                }
             };
-            // A step's record and the run's new place are one statement;
-            // when nothing follows, the run ends in it too.
-            let result = match result {
+            match result {
                 Ok(Done::Next {
                     step_id,
                     next,
                     detail,
-                    reply_used,
+                    reply_used: used,
                 }) => {
-                    let end = program.ends_at(next).then_some("completed");
-                    match self
-                        .runs
-                        .step_done(&run, next, step_id, &detail, reply_used, end)
-                        .await
-                    {
-                        Ok(()) if end.is_some() => return,
-                        Ok(()) => {
-                            if reply_used {
-                                run.reply_token.clear();
-                            }
-                            Ok(Some(next))
-                        }
-                        Err(e) => Err(StepError::from(e)),
+                    done.push((step_id.to_owned(), detail));
+                    if used {
+                        reply_used = true;
+                        run.reply_token.clear();
                     }
+                    if program.ends_at(next) {
+                        self.record(&run, next, &done, reply_used, Some("completed"))
+                            .await;
+                        return;
+                    }
+                    pc = next;
                 }
                 Ok(Done::Stopped { step_id }) => {
-                    match self
-                        .runs
-                        .step_done(&run, pc + 1, step_id, "stopped", false, Some("stopped"))
-                        .await
-                    {
-                        Ok(()) => return,
-                        Err(e) => Err(StepError::from(e)),
-                    }
+                    done.push((step_id.to_owned(), "stopped".to_owned()));
+                    self.record(&run, pc + 1, &done, reply_used, Some("stopped"))
+                        .await;
+                    return;
                 }
-                Ok(Done::Parked) => Ok(None),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(Some(next)) => pc = next,
-                Ok(None) => return,
+                Ok(Done::Parked) => return,
                 Err(StepError::Permanent(why)) => {
-                    self.end(&run, "failed", &why).await;
+                    if self.record(&run, pc, &done, reply_used, None).await {
+                        self.end(&run, "failed", &why).await;
+                    }
                     return;
                 }
                 Err(StepError::Transient(why)) => {
+                    self.record(&run, pc, &done, reply_used, None).await;
                     tracing::warn!(run = %run.run_id, error = %why, "step not done; the run is taken up again when its lease has passed");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Records `done` steps and moves the run to `pc` (ending it with
+    /// `end`); false when that failed (the run is taken up again later and
+    /// replays them).
+    async fn record(
+        &self,
+        run: &RunRow,
+        pc: usize,
+        done: &[(String, String)],
+        reply_used: bool,
+        end: Option<&str>,
+    ) -> bool {
+        match self.runs.advance(run, pc, done, reply_used, end).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(run = %run.run_id, error = %e, "steps not recorded; the run is taken up again later");
+                false
             }
         }
     }

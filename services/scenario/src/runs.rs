@@ -138,20 +138,6 @@ macro_rules! select_runs {
     };
 }
 
-/// Appends a step to a run's history as part of a statement whose CTE `u`
-/// yields the run's `tenant_id` and `run_id`: `$3` is the step, `$4` the
-/// detail.
-macro_rules! record_step {
-    () => {
-        "INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
-         SELECT u.tenant_id, u.run_id,
-                (SELECT COALESCE(max(seq), 0) + 1 FROM run_steps s
-                  WHERE s.tenant_id = u.tenant_id AND s.run_id = u.run_id),
-                $3, $4, true
-           FROM u"
-    };
-}
-
 impl Runs {
     /// Runs in `pool`; an executor holds a run for `lease` at a time.
     pub fn new(pool: PgPool, lease: Duration) -> Self {
@@ -338,39 +324,45 @@ impl Runs {
         .await?)
     }
 
-    /// Records a step and moves the run to `pc`, in one statement;
-    /// `reply_used` forgets the reply token (it works once). With `end`
-    /// (`completed` or `stopped`) the run ends there too.
-    pub async fn step_done(
+    /// Records `steps` (id, detail) in order and moves the run to `pc`, in
+    /// one statement; `reply_used` forgets the reply token (it works once).
+    /// With `end` (`completed` or `stopped`) the run ends there too.
+    pub async fn advance(
         &self,
         run: &RunRow,
         pc: usize,
-        step_id: &str,
-        detail: &str,
+        steps: &[(String, String)],
         reply_used: bool,
         end: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(concat!(
+        let ids: Vec<&str> = steps.iter().map(|(id, _)| id.as_str()).collect();
+        let details: Vec<&str> = steps.iter().map(|(_, d)| d.as_str()).collect();
+        sqlx::query(
             "WITH u AS (
-               UPDATE runs SET pc = $5, current_step_id = $3,
-                      reply_token = CASE WHEN $6 THEN '' ELSE reply_token END,
-                      status = COALESCE($8, status),
-                      finished_at = CASE WHEN $8 IS NULL THEN NULL ELSE now() END,
-                      lease_until = CASE WHEN $8 IS NULL
-                                         THEN now() + make_interval(secs => $7) END
+               UPDATE runs SET pc = $3,
+                      current_step_id = COALESCE($8[cardinality($8)], current_step_id),
+                      reply_token = CASE WHEN $4 THEN '' ELSE reply_token END,
+                      status = COALESCE($6, status),
+                      finished_at = CASE WHEN $6 IS NULL THEN NULL ELSE now() END,
+                      lease_until = CASE WHEN $6 IS NULL
+                                         THEN now() + make_interval(secs => $5) END
                 WHERE tenant_id = $1 AND run_id = $2
-               RETURNING tenant_id, run_id)
-             ",
-            record_step!()
-        ))
+               RETURNING tenant_id, run_id),
+             base AS (
+               SELECT COALESCE(max(seq), 0) AS seq FROM run_steps
+                WHERE tenant_id = $1 AND run_id = $2)
+             INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
+             SELECT u.tenant_id, u.run_id, base.seq + s.n, s.step_id, s.detail, true
+               FROM u, base, unnest($8::text[], $7::text[]) WITH ORDINALITY AS s(step_id, detail, n)",
+        )
         .bind(&run.tenant_id)
         .bind(&run.run_id)
-        .bind(step_id)
-        .bind(detail)
         .bind(pc as i32)
         .bind(reply_used)
         .bind(self.lease_secs())
         .bind(end)
+        .bind(&details)
+        .bind(&ids)
         .execute(&self.pool)
         .await?;
         Ok(())
