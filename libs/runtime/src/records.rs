@@ -36,6 +36,11 @@ return 0
 
 static HOLD_SCRIPT: crate::redis::Script = crate::redis::Script::new(HOLD);
 
+/// Gives the lease back if the caller holds it: KEYS = lease; ARGV = name.
+static RELEASE_SCRIPT: crate::redis::Script = crate::redis::Script::new(
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+);
+
 /// A group's reader of one record stream.
 pub struct RecordReader {
     redis: Redis,
@@ -150,15 +155,10 @@ impl RecordReader {
     pub async fn release(&self) {
         let _ = self
             .redis
-            .command::<i64>(
-                redis::cmd("EVAL")
-                    .arg(
-                        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                         return redis.call('DEL', KEYS[1]) end return 0",
-                    )
-                    .arg(1)
-                    .arg(self.lease_key())
-                    .arg(&self.name),
+            .script::<i64>(
+                &RELEASE_SCRIPT,
+                &[&self.lease_key()],
+                &[self.name.as_bytes()],
             )
             .await;
     }

@@ -1,15 +1,13 @@
--- Live segment counts: folded from contacts' membership changes (a delta of
--- +1 or -1 each) and snapshots (a count set as a whole). `version` grows
--- with every change, so a watcher asks only for what changed since it last
--- looked. `snapshot_at` is when the last snapshot committed: a change that
--- committed before it is already inside that count.
+-- Live segment counts: folded from contacts' membership changes (+1 or -1
+-- each), bulk deltas and snapshots (a deleted segment's count set to 0).
+-- `version` grows with every change, so a watcher asks only for what
+-- changed since it last looked.
 CREATE SEQUENCE segment_counts_version;
 CREATE TABLE segment_counts (
     tenant_id    text        NOT NULL,
     segment_id   text        NOT NULL,
     member_count bigint      NOT NULL,
     as_of        timestamptz NOT NULL,
-    snapshot_at  timestamptz,
     deleted      boolean     NOT NULL DEFAULT false,
     version      bigint      NOT NULL DEFAULT nextval('segment_counts_version'),
     PRIMARY KEY (tenant_id, segment_id)

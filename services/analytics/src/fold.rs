@@ -44,10 +44,6 @@ impl Fold {
         Self { pool }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Folds membership records in stream order: changes (+1, -1) and bulk
     /// deltas as deltas, which commute, so the count equals contacts'
     /// whatever order they come in; a snapshot (a deletion) sets the count
@@ -138,11 +134,11 @@ impl Fold {
                ON CONFLICT DO NOTHING RETURNING tenant_id),
              up AS (
                INSERT INTO segment_counts AS s (tenant_id, segment_id, member_count, as_of,
-                                                snapshot_at, deleted)
-               SELECT $1, $3, $4, $5, $5, $6 FROM fresh
+                                                deleted)
+               SELECT $1, $3, $4, $5, $6 FROM fresh
                ON CONFLICT (tenant_id, segment_id) DO UPDATE
                   SET member_count = excluded.member_count, as_of = excluded.as_of,
-                      snapshot_at = excluded.snapshot_at, deleted = excluded.deleted,
+                      deleted = excluded.deleted,
                       version = nextval('segment_counts_version')
                RETURNING tenant_id, segment_id, member_count, as_of, deleted, version),
              minutes AS (

@@ -36,8 +36,8 @@ use hibiki_proto::common::v1::{ContactRef, InboundEvent, inbound_event::Payload}
 use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{
-    AddTagsRequest, ApplyEventsRequest, GetContactRequest, GetTenantRequest, RemoveTagsRequest,
-    SetAttributesRequest,
+    AddTagsRequest, ApplyEventsRequest, GetContactRequest, GetTenantRequest, MutationResponse,
+    RemoveTagsRequest, SetAttributesRequest,
 };
 use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{
@@ -725,7 +725,7 @@ impl Executor {
         let detail = match &s.action {
             None => return Err(StepError::Permanent(format!("step {} has no action", s.id))),
             Some(step::Action::AddTags(t)) => {
-                let changed = self
+                let answer = self
                     .peers
                     .contacts
                     .clone()
@@ -734,15 +734,12 @@ impl Executor {
                         tags: t.tags.clone(),
                         idempotency_key: key.clone(),
                     })
-                    .await?
-                    .into_inner()
-                    .membership_changes;
-                self.membership(&run.tenant_id, &run.channel_id, &key, &changed)
-                    .await?;
+                    .await;
+                self.changed(run, &key, answer).await?;
                 format!("tags added: {}", t.tags.join(", "))
             }
             Some(step::Action::RemoveTags(t)) => {
-                let changed = self
+                let answer = self
                     .peers
                     .contacts
                     .clone()
@@ -751,15 +748,12 @@ impl Executor {
                         tags: t.tags.clone(),
                         idempotency_key: key.clone(),
                     })
-                    .await?
-                    .into_inner()
-                    .membership_changes;
-                self.membership(&run.tenant_id, &run.channel_id, &key, &changed)
-                    .await?;
+                    .await;
+                self.changed(run, &key, answer).await?;
                 format!("tags removed: {}", t.tags.join(", "))
             }
             Some(step::Action::SetAttributes(a)) => {
-                let changed = self
+                let answer = self
                     .peers
                     .contacts
                     .clone()
@@ -769,11 +763,8 @@ impl Executor {
                         unset: Vec::new(),
                         idempotency_key: key.clone(),
                     })
-                    .await?
-                    .into_inner()
-                    .membership_changes;
-                self.membership(&run.tenant_id, &run.channel_id, &key, &changed)
-                    .await?;
+                    .await;
+                self.changed(run, &key, answer).await?;
                 let mut keys: Vec<&str> = a.set.keys().map(String::as_str).collect();
                 keys.sort_unstable();
                 format!("attributes set: {}", keys.join(", "))
@@ -877,6 +868,20 @@ impl Executor {
             detail,
             reply_used,
         })
+    }
+
+    /// Takes contacts' answer to a step's edit of the contact: the
+    /// scenarios its membership changes start are queued, keyed by the step.
+    async fn changed(
+        &self,
+        run: &RunRow,
+        key: &str,
+        answer: Result<tonic::Response<MutationResponse>, tonic::Status>,
+    ) -> Result<(), StepError> {
+        let changes = answer?.into_inner().membership_changes;
+        self.membership(&run.tenant_id, &run.channel_id, key, &changes)
+            .await?;
+        Ok(())
     }
 
     /// The tenant's IANA time zone (from contacts, cached).

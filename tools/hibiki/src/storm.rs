@@ -217,6 +217,7 @@ async fn storm(args: &StormArgs) -> Result<Vec<String>, String> {
     let begun = Instant::now();
     let mut posted_at = None;
     let mut last = (0u64, Instant::now());
+    let mut printed = Instant::now() - Duration::from_secs(1);
     let report = loop {
         let report: StormReport = http
             .get(format!("{admin}/storms/{id}"))
@@ -234,13 +235,16 @@ async fn storm(args: &StormArgs) -> Result<Vec<String>, String> {
         if progress != last.0 {
             last = (progress, Instant::now());
         }
-        println!(
-            "  {:>6.1} s  accepted {:>8}  linked {:>8}  messaged {:>8}",
-            begun.elapsed().as_secs_f64(),
-            chain.users,
-            chain.linked,
-            chain.messaged
-        );
+        if printed.elapsed() >= Duration::from_secs(1) {
+            printed = Instant::now();
+            println!(
+                "  {:>6.1} s  accepted {:>8}  linked {:>8}  messaged {:>8}",
+                begun.elapsed().as_secs_f64(),
+                chain.users,
+                chain.linked,
+                chain.messaged
+            );
+        }
         if report.done && chain.linked >= report.accepted && chain.messaged >= report.accepted {
             break report;
         }
@@ -248,7 +252,9 @@ async fn storm(args: &StormArgs) -> Result<Vec<String>, String> {
             println!("  nothing moved for {} s: stopping here", args.stall_secs);
             break report;
         }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Often enough that the convergence time below is within a quarter
+        // second; each read makes line-sim walk its ledger, so not more.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let chain = report.chain.clone().unwrap_or_default();
 
