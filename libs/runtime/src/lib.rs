@@ -14,6 +14,7 @@ pub mod eventlog;
 pub mod grpc;
 pub mod host;
 pub mod metrics;
+pub mod otlp;
 pub mod page;
 pub mod postgres;
 pub mod records;

@@ -1,73 +1,21 @@
 //! An OTLP/gRPC trace receiver that keeps every span it is sent, so a test
-//! can check what a service exported: names, trace ids, parent links and
-//! resource attributes.
+//! can check what a service exported: names, trace ids, parent links, times
+//! and services.
 
 use std::sync::{Arc, Mutex};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-
-/// One received span, flattened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReceivedSpan {
-    /// The span's name.
-    pub name: String,
-    /// Trace id, 32 hex digits.
-    pub trace_id: String,
-    /// Span id, 16 hex digits.
-    pub span_id: String,
-    /// Parent span id, 16 hex digits; empty for a root span.
-    pub parent_span_id: String,
-    /// The resource's `service.name`.
-    pub service_name: String,
-}
+pub use hibiki_runtime::otlp::Span as ReceivedSpan;
+use hibiki_runtime::otlp::{Span, SpanSink, trace_service};
 
 #[derive(Clone, Default)]
-struct Store(Arc<Mutex<Vec<ReceivedSpan>>>);
+struct Store(Arc<Mutex<Vec<Span>>>);
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[tonic::async_trait]
-impl TraceService for Store {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().expect("the span store is never poisoned");
-        for resource_spans in request.into_inner().resource_spans {
-            let service_name = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| match &v.value {
-                    Some(Value::StringValue(s)) => Some(s.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    spans.push(ReceivedSpan {
-                        name: span.name,
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent_span_id: hex(&span.parent_span_id),
-                        service_name: service_name.clone(),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
+impl SpanSink for Store {
+    fn accept(&self, spans: Vec<Span>) {
+        self.0
+            .lock()
+            .expect("the span store is never poisoned")
+            .extend(spans);
     }
 }
 
@@ -85,7 +33,7 @@ impl Receiver {
             .expect("binding the OTLP receiver");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let store = Store::default();
-        let service = TraceServiceServer::new(store.clone());
+        let service = trace_service(store.clone());
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)

@@ -10,6 +10,8 @@
 //!   --tenant T` follows its segment counts.
 //! - `hibiki storm --users N --rate R` runs the campaign storm against a
 //!   running mesh and checks every friend.
+//! - `hibiki trace collect` receives the mesh's spans over OTLP; `hibiki
+//!   trace report FILE` says where the time of a run went.
 #![forbid(unsafe_code)]
 
 mod dev;
@@ -18,6 +20,7 @@ mod import;
 mod scenario;
 mod stats;
 mod storm;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -48,6 +51,9 @@ enum Command {
     /// The campaign storm against a running mesh: taps from line-sim, then
     /// every friend checked.
     Storm(storm::StormArgs),
+    /// Traces: collect the mesh's spans over OTLP, report where the time
+    /// went.
+    Trace(trace::TraceArgs),
 }
 
 /// The services' allocator, also when `hibiki dev` runs them in-process.
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
             Command::Stats(args) => stats::run_stats(args).await,
             Command::Watch(args) => stats::run_watch(args).await,
             Command::Storm(args) => storm::run(args).await,
+            Command::Trace(args) => trace::run(args).await,
         }
     })
 }

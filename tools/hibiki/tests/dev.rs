@@ -43,12 +43,33 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
     let metrics_base = free_port_run(5);
     let http_port = free_port();
     let sim_port = free_port_run(2);
+    // `hibiki trace collect` receives the mesh's spans.
+    let otlp_port = free_port();
+    let spans_file = std::env::temp_dir().join(format!("hibiki-dev-test-{}.spans", random_id()));
+    let mut collector = hibiki()
+        .args([
+            "trace",
+            "collect",
+            "--listen",
+            &format!("127.0.0.1:{otlp_port}"),
+        ])
+        .arg("--out")
+        .arg(&spans_file)
+        .spawn()
+        .expect("hibiki trace collect starts");
+    let mut collected = BufReader::new(collector.stdout.take().unwrap()).lines();
+    let listening = collected.next_line().await.unwrap().unwrap_or_default();
+    assert!(listening.contains("OTLP/gRPC on"), "{listening}");
     let mut child = hibiki()
         .args(["dev", "--grpc-port", &grpc_base.to_string()])
         .args(["--line-sim-port", &sim_port.to_string()])
         .args(["--metrics-port", &metrics_base.to_string()])
         .args(["--http-port", &http_port.to_string()])
         .env("HIBIKI_DATABASE_URL", database.url())
+        .env(
+            "HIBIKI_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{otlp_port}"),
+        )
         .spawn()
         .expect("hibiki starts");
 
@@ -304,6 +325,50 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         .expect("hibiki dev stops on SIGTERM")
         .unwrap();
     assert!(status.success(), "{status}");
+
+    // hibiki dev flushed its spans as it stopped; the collector writes them
+    // out when it stops, and the report says where the storm's time went.
+    let pid = collector.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), collector.wait())
+        .await
+        .expect("hibiki trace collect stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mut said = Vec::new();
+    while let Some(line) = collected.next_line().await.unwrap() {
+        said.push(line);
+    }
+    let said = said.join("\n");
+    assert!(said.contains("spans written to"), "{said}");
+    let report = hibiki()
+        .args(["trace", "report", "--slowest", "2"])
+        .arg(&spans_file)
+        .output()
+        .await
+        .expect("hibiki trace report runs");
+    let _ = std::fs::remove_file(&spans_file);
+    let text = String::from_utf8_lossy(&report.stdout);
+    let err = String::from_utf8_lossy(&report.stderr);
+    assert!(report.status.success(), "{text}\n{err}");
+    // Every stage of a tap, the queue hops between them, the slowest
+    // traces' paths and the bottleneck.
+    for stage in [
+        "webhook",
+        "queue webhook ⇢ scenario.event",
+        "scenario.event",
+        "contacts.AddTags",
+        "delivery.LinkRichMenu",
+        "delivery.LinkRichMenu ⇢ delivery.line_call",
+        "analytics.count",
+        "critical path of the 2 slowest traces",
+        "top bottleneck: ",
+    ] {
+        assert!(text.contains(stage), "no {stage:?} in the report:\n{text}");
+    }
 }
 
 #[tokio::test]
