@@ -237,6 +237,18 @@ impl Contacts {
         Ok(())
     }
 
+    /// A transaction, the wait for its connection in a span of its own
+    /// (`contacts.pool_wait`), so that a trace tells waiting for the pool
+    /// from work in PostgreSQL.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        use tracing::Instrument;
+        Ok(self
+            .pool
+            .begin()
+            .instrument(tracing::info_span!("contacts.pool_wait"))
+            .await?)
+    }
+
     /// One idempotent edit of one contact.
     async fn mutate(
         &self,
@@ -250,7 +262,7 @@ impl Contacts {
         let _realtime = self.importer.realtime().enter();
         idempotency_key(key)?;
         self.require_tenant(tenant).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         if let Some(previous) = claim_key(&mut tx, tenant, key, operation).await? {
             let mut response = MutationResponse::decode(previous.as_slice())
                 .map_err(|e| Error::Database(sqlx::Error::Decode(e.into())))?;
@@ -344,7 +356,7 @@ impl Contacts {
             return Ok(results);
         }
 
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // Claim the event ids: those already applied (by an earlier call, or
         // by a concurrent one, which this waits for) come back absent.
         let ids: Vec<&str> = events.iter().map(|e| e.webhook_event_id.as_str()).collect();

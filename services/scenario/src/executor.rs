@@ -121,6 +121,14 @@ enum StepError {
     Transient(String),
 }
 
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Permanent(why) | StepError::Transient(why) => f.write_str(why),
+        }
+    }
+}
+
 impl From<tonic::Status> for StepError {
     fn from(s: tonic::Status) -> Self {
         let text = format!("{:?}: {}", s.code(), s.message());
@@ -138,6 +146,64 @@ impl From<hibiki_runtime::error::ServiceError> for StepError {
     fn from(e: hibiki_runtime::error::ServiceError) -> Self {
         StepError::Transient(e.to_string())
     }
+}
+
+/// Runs started together for a batch, each taken by its event.
+#[derive(Default)]
+struct StartedTogether(Mutex<HashMap<String, RunRow>>);
+
+impl StartedTogether {
+    fn take(&self, run_id: &str) -> Option<RunRow> {
+        self.0.lock().expect("started runs").remove(run_id)
+    }
+}
+
+/// Pauses before the quick retries of a step (or a run's start) that failed
+/// for a moment: contacts or delivery shedding load, a connection pool
+/// exhausted for a second under a storm. Most such failures clear within a
+/// second, while leaving the run to be taken up again costs its whole lease
+/// (tens of seconds). Each pause is jittered by ±50 % so that a storm's
+/// failures do not come back in step.
+const QUICK_RETRIES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_millis(1_000),
+];
+
+/// Runs `attempt` until it succeeds, fails for good (`transient` says
+/// which errors are not), or has failed transiently after every quick retry.
+async fn quick_retries<T, E, F, Fut>(transient: fn(&E) -> bool, mut attempt: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    for pause in QUICK_RETRIES {
+        match attempt().await {
+            Err(e) if transient(&e) => {
+                tracing::debug!(error = %e, "transient failure; retrying");
+                metrics::counter!("hibiki_scenario_quick_retries_total").increment(1);
+                let jitter = rand::random_range(0.5..1.5);
+                tokio::time::sleep(pause.mul_f64(jitter)).await;
+            }
+            other => return other,
+        }
+    }
+    attempt().await
+}
+
+fn transient_step(e: &StepError) -> bool {
+    matches!(e, StepError::Transient(_))
+}
+
+/// A run's start fails only when its store does: worth a quick retry unless
+/// the request itself was wrong.
+fn transient_store(e: &hibiki_runtime::error::ServiceError) -> bool {
+    use hibiki_runtime::error::ServiceError as E;
+    matches!(
+        e,
+        E::Unavailable(_) | E::Aborted(_) | E::ResourceExhausted(_) | E::Internal(_)
+    )
 }
 
 /// A run id derived from what started it, so a replay finds the same run.
@@ -290,10 +356,14 @@ impl Executor {
                     None => per_user.push((user, vec![event])),
                 }
             }
+            let firsts: Vec<&InboundEvent> = per_user.iter().map(|(_, list)| list[0]).collect();
+            let together = &self.start_firsts(&firsts).await;
             let results = &results;
             let work = per_user.into_iter().map(|(_, list)| async move {
                 for event in list {
-                    self.trigger(event).await.map_err(|e| e.to_string())?;
+                    self.trigger(event, together)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     if let Some(result) = results
                         .iter()
                         .find(|r| r.webhook_event_id == event.webhook_event_id)
@@ -392,6 +462,7 @@ impl Executor {
     async fn trigger(
         &self,
         event: &InboundEvent,
+        together: &StartedTogether,
     ) -> Result<(), hibiki_runtime::error::ServiceError> {
         let span = tracing::info_span!(
             "scenario.event",
@@ -401,17 +472,19 @@ impl Executor {
         if let Some(trace) = event.trace.as_ref() {
             telemetry::set_parent(&span, telemetry::context_from_payload(trace));
         }
-        self.trigger_traced(event).instrument(span).await
+        self.trigger_traced(event, together).instrument(span).await
     }
 
-    async fn trigger_traced(
+    /// The runs `event` would start: one per enabled scenario it matches.
+    async fn new_runs(
         &self,
         event: &InboundEvent,
-    ) -> Result<(), hibiki_runtime::error::ServiceError> {
+    ) -> Result<Vec<(NewRun, ReentryPolicy)>, hibiki_runtime::error::ServiceError> {
         let Some(user) = user_of(event) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let active = self.active(&event.tenant_id).await?;
+        let mut runs = Vec::new();
         for a in active.iter().filter(|a| a.matcher.matches(event)) {
             let reply_token = match &event.payload {
                 Some(Payload::Message(_) | Payload::Follow(_) | Payload::Postback(_)) => {
@@ -440,7 +513,68 @@ impl Executor {
                     .unwrap_or_default(),
                 queued: false,
             };
-            let run = match self.runs.start(&new, a.reentry).await? {
+            runs.push((new, a.reentry));
+        }
+        Ok(runs)
+    }
+
+    /// Starts together, in one transaction, the runs that the first event
+    /// of each user in a batch triggers: under a storm the batch's starts
+    /// take one connection for four round trips instead of one for four
+    /// round trips each. Returns the runs started, by run id. A failure
+    /// starts nothing here; each event then starts its runs on its own.
+    async fn start_firsts(&self, firsts: &[&InboundEvent]) -> StartedTogether {
+        let mut starts = Vec::new();
+        for event in firsts {
+            match self.new_runs(event).await {
+                Ok(runs) => starts.extend(runs),
+                Err(_) => return StartedTogether::default(),
+            }
+        }
+        if starts.len() < 2 {
+            return StartedTogether::default();
+        }
+        let started = quick_retries(transient_store, || {
+            self.runs
+                .start_many(&starts)
+                .instrument(tracing::info_span!(
+                    "scenario.start_runs",
+                    runs = starts.len()
+                ))
+        })
+        .await;
+        match started {
+            Ok(rows) => StartedTogether(Mutex::new(
+                rows.into_iter()
+                    .flatten()
+                    .map(|r| (r.run_id.clone(), r))
+                    .collect(),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, runs = starts.len(), "batch start failed; starting one by one");
+                StartedTogether::default()
+            }
+        }
+    }
+
+    async fn trigger_traced(
+        &self,
+        event: &InboundEvent,
+        together: &StartedTogether,
+    ) -> Result<(), hibiki_runtime::error::ServiceError> {
+        for (new, reentry) in self.new_runs(event).await? {
+            let started = match together.take(&new.run_id) {
+                Some(run) => Started::New(run),
+                None => {
+                    quick_retries(transient_store, || {
+                        self.runs
+                            .start(&new, reentry)
+                            .instrument(tracing::info_span!("scenario.start_run"))
+                    })
+                    .await?
+                }
+            };
+            let run = match started {
                 Started::New(run) => run,
                 // A redelivered event: continue its run if nobody holds it.
                 Started::Before(run) => match self.runs.claim(&run.tenant_id, &run.run_id).await? {
@@ -448,7 +582,7 @@ impl Executor {
                     None => continue,
                 },
                 Started::Skipped(why) => {
-                    tracing::debug!(scenario = %a.scenario_id, user, why, "run not started");
+                    tracing::debug!(scenario = %new.scenario_id, user = %new.line_user_id, why, "run not started");
                     continue;
                 }
             };
@@ -592,7 +726,7 @@ impl Executor {
                     step_id,
                     condition,
                     otherwise,
-                } => match self.branch(&run, condition).await {
+                } => match quick_retries(transient_step, || self.branch(&run, condition)).await {
                     Ok(holds) => {
                         let next = if holds { pc + 1 } else { *otherwise };
                         let detail = if holds {
@@ -617,7 +751,7 @@ impl Executor {
                         }
                         done.clear();
                     }
-                    self.step(&run, &program, pc, s).await
+                    quick_retries(transient_step, || self.step(&run, &program, pc, s)).await
                 }
             };
             match result {
@@ -672,7 +806,13 @@ impl Executor {
         reply_used: bool,
         end: Option<&str>,
     ) -> bool {
-        match self.runs.advance(run, pc, done, reply_used, end).await {
+        let recorded = quick_retries(transient_store, || {
+            self.runs
+                .advance(run, pc, done, reply_used, end)
+                .instrument(tracing::info_span!("scenario.record_steps"))
+        })
+        .await;
+        match recorded {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(run = %run.run_id, error = %e, "steps not recorded; the run is taken up again later");
@@ -908,5 +1048,59 @@ impl Executor {
             .expect("zones")
             .insert(tenant_id.to_owned(), zone.clone());
         Ok(zone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Fails with `first` errors, then succeeds; counts the attempts.
+    async fn attempts(failures: Vec<StepError>) -> (Result<u8, StepError>, usize) {
+        let calls = AtomicUsize::new(0);
+        let failures = Mutex::new(failures);
+        let result = quick_retries(transient_step, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let next = failures.lock().unwrap().pop();
+            async move {
+                match next {
+                    Some(e) => Err(e),
+                    None => Ok(7),
+                }
+            }
+        })
+        .await;
+        (result, calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_in_place() {
+        let (result, calls) = attempts(vec![
+            StepError::Transient("busy".into()),
+            StepError::Transient("busy".into()),
+        ])
+        .await;
+        assert_eq!(result.ok(), Some(7));
+        assert_eq!(calls, 3);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_not_retried() {
+        let (result, calls) = attempts(vec![StepError::Permanent("no such menu".into())]).await;
+        assert!(matches!(result, Err(StepError::Permanent(_))));
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test]
+    async fn quick_retries_give_up_after_the_last_pause() {
+        let (result, calls) = attempts(
+            (0..10)
+                .map(|_| StepError::Transient("down".into()))
+                .collect(),
+        )
+        .await;
+        assert!(matches!(result, Err(StepError::Transient(_))));
+        assert_eq!(calls, QUICK_RETRIES.len() + 1);
     }
 }

@@ -132,6 +132,22 @@ macro_rules! run_columns {
     };
 }
 
+/// The advisory lock that makes a start's policy check and its insert one
+/// step: one start at a time per (tenant, scenario, contact).
+fn lock_key(new: &NewRun) -> String {
+    format!("{}/{}/{}", new.tenant_id, new.scenario_id, new.line_user_id)
+}
+
+/// What the re-entry policy checks before a start: (any run of the
+/// scenario for the contact, a running or waiting one).
+fn policy_checks(policy: ReentryPolicy) -> (bool, bool) {
+    match policy {
+        ReentryPolicy::EveryTime => (false, false),
+        ReentryPolicy::Once => (true, false),
+        ReentryPolicy::NotWhileRunning => (false, true),
+    }
+}
+
 macro_rules! select_runs {
     ($rest:literal) => {
         concat!("SELECT ", run_columns!(), " FROM runs ", $rest)
@@ -148,27 +164,119 @@ impl Runs {
         self.lease.as_secs_f64()
     }
 
+    /// Starts many runs in one transaction: the whole batch's advisory
+    /// locks (taken in one order, so two batches never deadlock), then one
+    /// guarded INSERT for all of them. Returns, in input order, the run each
+    /// start created, or `None` where the guard held it back (a run of the
+    /// same event from before, or the re-entry policy): ask [`Runs::start`]
+    /// for those, which says why. At most one start per (tenant, scenario,
+    /// contact) may be in one call: within one statement they would not see
+    /// each other.
+    pub async fn start_many(
+        &self,
+        starts: &[(NewRun, ReentryPolicy)],
+    ) -> Result<Vec<Option<RunRow>>> {
+        use sqlx::Acquire;
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut keys: Vec<String> = starts.iter().map(|(n, _)| lock_key(n)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() != starts.len() {
+            return Err(ServiceError::Internal(
+                "start_many: two starts of the same scenario for one contact".into(),
+            ));
+        }
+        let column = |f: &dyn Fn(&NewRun) -> String| -> Vec<String> {
+            starts.iter().map(|(n, _)| f(n)).collect()
+        };
+        let tenants = column(&|n| n.tenant_id.clone());
+        let run_ids = column(&|n| n.run_id.clone());
+        let scenarios = column(&|n| n.scenario_id.clone());
+        let users = column(&|n| n.line_user_id.clone());
+        let channels = column(&|n| n.channel_id.clone());
+        let events = column(&|n| n.trigger_event_id.clone());
+        let tokens = column(&|n| n.reply_token.clone());
+        let traceparents = column(&|n| n.traceparent.clone());
+        let versions: Vec<i64> = starts.iter().map(|(n, _)| n.version).collect();
+        let reply_until: Vec<Option<DateTime<Utc>>> =
+            starts.iter().map(|(n, _)| n.reply_until).collect();
+        let queued: Vec<bool> = starts.iter().map(|(n, _)| n.queued).collect();
+        let (check_any, check_active): (Vec<bool>, Vec<bool>) =
+            starts.iter().map(|(_, p)| policy_checks(*p)).unzip();
+
+        let mut conn = self.connection().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(h))
+               FROM (SELECT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS l",
+        )
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
+        let started: Vec<RunRow> = sqlx::query_as(concat!(
+            "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
+                               status, lease_until, trigger_event_id, reply_token, reply_until,
+                               traceparent)
+             SELECT n.tenant_id, n.run_id, n.scenario_id, n.version, n.line_user_id, n.channel_id,
+                    CASE WHEN n.queued THEN 'waiting' ELSE 'running' END,
+                    CASE WHEN n.queued THEN now() ELSE now() + make_interval(secs => $14) END,
+                    n.trigger_event_id, n.reply_token, n.reply_until, n.traceparent
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[],
+                           $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::bool[],
+                           $12::bool[], $13::bool[])
+                    AS n(tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
+                         trigger_event_id, reply_token, reply_until, traceparent, queued,
+                         check_any, check_active)
+              WHERE NOT EXISTS (
+                      SELECT 1 FROM runs r
+                       WHERE r.tenant_id = n.tenant_id AND r.scenario_id = n.scenario_id
+                         AND r.line_user_id = n.line_user_id
+                         AND ((n.trigger_event_id <> '' AND r.trigger_event_id = n.trigger_event_id)
+                              OR n.check_any
+                              OR (n.check_active AND r.status IN ('running', 'waiting'))))
+             RETURNING ",
+            run_columns!()
+        ))
+        .bind(&tenants)
+        .bind(&run_ids)
+        .bind(&scenarios)
+        .bind(&versions)
+        .bind(&users)
+        .bind(&channels)
+        .bind(&events)
+        .bind(&tokens)
+        .bind(&reply_until)
+        .bind(&traceparents)
+        .bind(&queued)
+        .bind(&check_any)
+        .bind(&check_active)
+        .bind(self.lease_secs())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut by_id: std::collections::HashMap<String, RunRow> =
+            started.into_iter().map(|r| (r.run_id.clone(), r)).collect();
+        Ok(run_ids.iter().map(|id| by_id.remove(id)).collect())
+    }
+
     /// Starts a run under `policy`, at most once per triggering event.
     ///
     /// Under an advisory lock per (scenario, contact), one guarded INSERT
     /// starts the run unless this event started one before or the policy
     /// forbids it; only then is the reason looked up.
     pub async fn start(&self, new: &NewRun, policy: ReentryPolicy) -> Result<Started> {
-        let mut tx = self.pool.begin().await?;
+        use sqlx::Acquire;
+        let mut conn = self.connection().await?;
+        let mut tx = conn.begin().await?;
         // One start at a time per (scenario, contact): the policy's check
         // and the insert are one step.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!(
-                "{}/{}/{}",
-                new.tenant_id, new.scenario_id, new.line_user_id
-            ))
+            .bind(lock_key(new))
             .execute(&mut *tx)
             .await?;
-        let (check_any, check_active) = match policy {
-            ReentryPolicy::EveryTime => (false, false),
-            ReentryPolicy::Once => (true, false),
-            ReentryPolicy::NotWhileRunning => (false, true),
-        };
+        let (check_any, check_active) = policy_checks(policy);
         let started: Option<RunRow> = sqlx::query_as(concat!(
             "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
                                status, lease_until, trigger_event_id, reply_token, reply_until,
@@ -363,9 +471,21 @@ impl Runs {
         .bind(end)
         .bind(&details)
         .bind(&ids)
-        .execute(&self.pool)
+        .execute(&mut *self.connection().await?)
         .await?;
         Ok(())
+    }
+
+    /// A connection from the pool, the wait for it in a span of its own
+    /// (`scenario.pool_wait`), so that a trace tells waiting for the pool
+    /// from work in PostgreSQL.
+    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        use tracing::Instrument;
+        Ok(self
+            .pool
+            .acquire()
+            .instrument(tracing::info_span!("scenario.pool_wait"))
+            .await?)
     }
 
     /// Parks the run until `resume`, to continue at `pc`, in one
@@ -566,5 +686,100 @@ impl Runs {
         .fetch_all(&self.pool)
         .await?;
         Ok((totals, steps))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hibiki_runtime::config::{PostgresConfig, Secret};
+    use hibiki_testkit::TestDatabase;
+
+    async fn runs(database: &TestDatabase) -> Runs {
+        let pool = hibiki_runtime::postgres::connect_lazy(
+            &PostgresConfig {
+                url: Secret::new(database.url().to_owned()),
+                max_connections: 2,
+            },
+            "scenario",
+        )
+        .unwrap();
+        hibiki_runtime::postgres::migrate(&pool, "scenario", &crate::MIGRATOR)
+            .await
+            .unwrap();
+        Runs::new(pool, Duration::from_secs(60))
+    }
+
+    fn new(scenario: &str, user: &str, event: &str) -> NewRun {
+        NewRun {
+            tenant_id: "acme".into(),
+            run_id: format!("{scenario}-{event}"),
+            scenario_id: scenario.into(),
+            version: 1,
+            line_user_id: user.into(),
+            channel_id: "1000000001".into(),
+            trigger_event_id: event.into(),
+            reply_token: String::new(),
+            reply_until: None,
+            traceparent: String::new(),
+            queued: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn starts_together_keep_the_guards_of_a_start_alone() {
+        let database = TestDatabase::create().await;
+        let runs = runs(&database).await;
+        let once = ReentryPolicy::Once;
+        let every = ReentryPolicy::EveryTime;
+
+        // Three new runs start, in input order.
+        let first = [
+            (new("spring", "U1", "E1"), once),
+            (new("spring", "U2", "E2"), once),
+            (new("autumn", "U1", "E3"), every),
+        ];
+        let started = runs.start_many(&first).await.unwrap();
+        let ids: Vec<Option<&str>> = started
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.run_id.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [Some("spring-E1"), Some("spring-E2"), Some("autumn-E3")]
+        );
+        assert!(started.iter().flatten().all(|r| r.status == "running"));
+
+        // Again, with a redelivered event, a second tap under ONCE, a new
+        // tap under EVERY_TIME and a new contact: only the last two start.
+        let second = [
+            (new("spring", "U2", "E2"), once),
+            (new("spring", "U1", "E4"), once),
+            (new("autumn", "U1", "E5"), every),
+            (new("spring", "U3", "E6"), once),
+        ];
+        let started = runs.start_many(&second).await.unwrap();
+        let ids: Vec<Option<&str>> = started
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.run_id.as_str()))
+            .collect();
+        assert_eq!(ids, [None, None, Some("autumn-E5"), Some("spring-E6")]);
+        // The single start says why the others were held back.
+        assert!(matches!(
+            runs.start(&second[0].0, once).await.unwrap(),
+            Started::Before(r) if r.run_id == "spring-E2"
+        ));
+        assert!(matches!(
+            runs.start(&second[1].0, once).await.unwrap(),
+            Started::Skipped(_)
+        ));
+
+        // Two starts of one scenario for one contact cannot share a call.
+        let twice = [
+            (new("summer", "U1", "E7"), every),
+            (new("summer", "U1", "E8"), every),
+        ];
+        assert!(runs.start_many(&twice).await.is_err());
+        assert!(runs.start_many(&[]).await.unwrap().is_empty());
     }
 }

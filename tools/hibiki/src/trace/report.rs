@@ -389,15 +389,30 @@ pub fn analyse(spans: &[Span], slowest: usize) -> Report {
         .iter()
         .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
         .map(|(stage, ns)| ((*stage).to_owned(), *ns as f64 / tail_total.max(1) as f64));
+    let is_wait = |stage: &str| rows.iter().any(|(n, t)| n == stage && t.wait);
     if let Some((stage, fraction)) = &bottleneck {
-        let wait = rows.iter().any(|(n, t)| n == stage && t.wait);
         let _ = writeln!(
             text,
             "\ntop bottleneck: {}{stage}, {:.0} % of the critical paths of the slowest {} traces (1 %)",
-            if wait { "the queue " } else { "" },
+            if is_wait(stage) { "the queue " } else { "" },
             100.0 * fraction,
             tail
         );
+        // A queue is a symptom: name the work that drains it too, the
+        // largest share of all traces' critical-path work.
+        if is_wait(stage) {
+            let mut work: HashMap<&str, u64> = HashMap::new();
+            for seg in paths.iter().flatten().filter(|s| !s.wait) {
+                *work.entry(seg.stage.as_str()).or_default() += seg.ns;
+            }
+            if let Some((name, ns)) = work.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0))) {
+                let _ = writeln!(
+                    text,
+                    "top work stage: {name}, {:.0} % of the work on all traces' critical paths",
+                    100.0 * *ns as f64 / total_work.max(1) as f64
+                );
+            }
+        }
     }
     Report {
         text,
@@ -510,6 +525,13 @@ mod tests {
         assert!(
             report.text.contains(
                 "top bottleneck: the queue delivery.LinkRichMenu ⇢ delivery.line_call, 99 %"
+            ),
+            "{}",
+            report.text
+        );
+        assert!(
+            report.text.contains(
+                "top work stage: delivery.line_call, 33 % of the work on all traces' critical paths"
             ),
             "{}",
             report.text
