@@ -82,7 +82,11 @@ async fn one_tap_is_one_trace_through_every_service_and_the_queues() {
         if done && spans.iter().any(|s| s.name == "analytics.count") {
             break;
         }
-        assert!(Instant::now() < deadline, "the chain did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "the chain did not finish: menu and message {done}, spans {:?}",
+            spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // line-sim got the trace with each call.

@@ -33,6 +33,8 @@ use crate::store::{self, CONTACT_COLUMNS, ContactDelta, ContactRow};
 use crate::tenants::require_tenant;
 use crate::validate;
 
+mod together;
+
 /// The most events one `ApplyEvents` call takes.
 pub const MAX_EVENTS_PER_BATCH: usize = 500;
 /// The longest idempotency key.
@@ -48,18 +50,26 @@ pub struct Contacts {
     /// calls (a webhook batch, a scenario step) skip the lookup once a
     /// tenant is known.
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Single-contact edits, to the loop that writes them in groups.
+    edits: tokio::sync::mpsc::UnboundedSender<together::Pending>,
 }
 
 impl Contacts {
     /// The service over `pool`, importing through `importer` and waking
-    /// `relay` after each commit that wrote membership changes.
+    /// `relay` after each commit that wrote membership changes. Starts the
+    /// loop that writes single-contact edits in groups (on the current
+    /// tokio runtime).
     pub fn new(pool: PgPool, importer: Importer, relay: Relay) -> Self {
-        Self {
+        let (edits, queue) = tokio::sync::mpsc::unbounded_channel();
+        let contacts = Self {
             known: std::sync::Arc::default(),
             pool,
             importer,
             relay,
-        }
+            edits,
+        };
+        tokio::spawn(together::run(contacts.clone(), queue));
+        contacts
     }
 }
 
@@ -249,19 +259,53 @@ impl Contacts {
             .await?)
     }
 
-    /// One idempotent edit of one contact.
+    /// One idempotent edit of one contact, written together with the edits
+    /// of other contacts that arrive meanwhile (see [`together`]).
     async fn mutate(
         &self,
         tenant: &str,
         user: &str,
         key: &str,
-        operation: &str,
+        operation: &'static str,
         edit: Edit,
         create: bool,
     ) -> Result<MutationResponse> {
         let _realtime = self.importer.realtime().enter();
         idempotency_key(key)?;
         self.require_tenant(tenant).await?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = together::Pending {
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+            key: key.to_owned(),
+            operation,
+            edit,
+            create,
+            trace: current_trace_context(),
+            reply,
+        };
+        if let Err(e) = self.edits.send(pending) {
+            // The writer is gone (the service is stopping): write it here.
+            let p = e.0;
+            return self
+                .mutate_alone(tenant, user, key, operation, &p.edit, create)
+                .await;
+        }
+        answer.await.map_err(|_| {
+            Error::Unavailable("the contact writer stopped before answering; retry".into())
+        })?
+    }
+
+    /// One idempotent edit of one contact, in a transaction of its own.
+    async fn mutate_alone(
+        &self,
+        tenant: &str,
+        user: &str,
+        key: &str,
+        operation: &str,
+        edit: &Edit,
+        create: bool,
+    ) -> Result<MutationResponse> {
         let mut tx = self.begin().await?;
         if let Some(previous) = claim_key(&mut tx, tenant, key, operation).await? {
             let mut response = MutationResponse::decode(previous.as_slice())
@@ -276,7 +320,7 @@ impl Contacts {
                 "contact {user:?} does not exist in tenant {tenant:?}"
             )));
         };
-        apply_edit(row, &edit, "set")?;
+        apply_edit(row, edit, "set")?;
         let before = locked.before.remove(user).flatten();
         let changes = store::write_contact(&mut tx, tenant, row, before).await?;
         let response = MutationResponse {

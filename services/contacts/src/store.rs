@@ -553,6 +553,19 @@ pub async fn write_outbox(
     changes: &[MembershipChange],
     trace: &TraceContext,
 ) -> Result<()> {
+    let traced: Vec<(MembershipChange, TraceContext)> =
+        changes.iter().map(|c| (c.clone(), trace.clone())).collect();
+    write_outbox_traced(tx, tenant, &traced).await
+}
+
+/// Queues membership change records for publication, each carrying the
+/// trace of the call that made it (edits written together come from
+/// different calls).
+pub async fn write_outbox_traced(
+    tx: &mut PgConnection,
+    tenant: &str,
+    changes: &[(MembershipChange, TraceContext)],
+) -> Result<()> {
     if changes.is_empty() {
         return Ok(());
     }
@@ -566,7 +579,7 @@ pub async fn write_outbox(
     let payloads: Vec<Vec<u8>> = changes
         .iter()
         .zip(&ids)
-        .map(|(c, id)| {
+        .map(|((c, trace), id)| {
             MembershipChangeRecord {
                 tenant_id: tenant.to_owned(),
                 change: Some(c.clone()),

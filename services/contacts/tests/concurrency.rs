@@ -218,3 +218,114 @@ async fn concurrent_writers_on_a_hot_segment_leave_exact_counts() {
     // The hot segment really was contended.
     assert!(counts.iter().any(|x| x.member_count > 0));
 }
+
+/// Edits that arrive together are written together (one transaction for a
+/// group), yet each is answered as if written alone: its own membership
+/// change with the count right after it, a repeat of its key replayed, a
+/// refused edit refused on its own while the others are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn edits_arriving_together_are_each_answered_as_if_written_alone() {
+    const N: u32 = 150;
+    let c = Contacts::start().await;
+    c.tenant(T).await;
+    let vip = c
+        .segments()
+        .create_segment(CreateSegmentRequest {
+            tenant_id: T.into(),
+            name: "vip".into(),
+            rule: Some(has_tag("vip")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment_id;
+    let tag = |n: u32, key: String| {
+        let mut client = c.contacts();
+        async move {
+            client
+                .add_tags(AddTagsRequest {
+                    contact: contact(T, n),
+                    tags: vec!["vip".into()],
+                    idempotency_key: key,
+                })
+                .await
+        }
+    };
+
+    // N new contacts tagged at once, plus a key used first for AddTags and
+    // then for RemoveTags, and RemoveTags of a contact that does not exist.
+    let mut calls = Vec::new();
+    for n in 0..N {
+        calls.push(tag(n, format!("tag-{n}")));
+    }
+    let first = futures::future::join_all(calls);
+    let mut remover = c.contacts();
+    let missing = remover.remove_tags(RemoveTagsRequest {
+        contact: contact(T, 9_999),
+        tags: vec!["vip".into()],
+        idempotency_key: "remove-missing".into(),
+    });
+    let (first, missing) = tokio::join!(first, missing);
+    let missing = missing.expect_err("no such contact");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    // Each answer is its own contact's change, with the count its
+    // transaction saw right after it (groups written side by side may see
+    // the same count; it is never beyond the members there are).
+    let mut answers = Vec::new();
+    for (n, answer) in first.into_iter().enumerate() {
+        let answer = answer.expect("tagged").into_inner();
+        assert!(!answer.replayed);
+        assert_eq!(answer.membership_changes.len(), 1, "{answer:?}");
+        let change = &answer.membership_changes[0];
+        assert_eq!(change.line_user_id, common::user(n as u32));
+        assert_eq!(change.segment_id, vip);
+        assert!(change.entered);
+        assert!(
+            (1..=i64::from(N)).contains(&change.count_after),
+            "{change:?}"
+        );
+        answers.push(answer);
+    }
+
+    // Repeats of every key, at once: replayed with the first answers, and
+    // a key reused for another operation refused on its own.
+    let mut calls = Vec::new();
+    for n in 0..N {
+        calls.push(tag(n, format!("tag-{n}")));
+    }
+    let again = futures::future::join_all(calls);
+    let mut reuser = c.contacts();
+    let reused = reuser.remove_tags(RemoveTagsRequest {
+        contact: contact(T, 0),
+        tags: vec!["vip".into()],
+        idempotency_key: "tag-7".into(),
+    });
+    let (again, reused) = tokio::join!(again, reused);
+    let reused = reused.expect_err("a key of AddTags");
+    assert_eq!(reused.code(), tonic::Code::InvalidArgument, "{reused:?}");
+    assert!(
+        reused.message().contains("already used for AddTags"),
+        "{reused:?}"
+    );
+    for (n, answer) in again.into_iter().enumerate() {
+        let answer = answer.expect("replayed").into_inner();
+        assert!(answer.replayed, "tag-{n} was written again");
+        assert_eq!(
+            answer.membership_changes, answers[n].membership_changes,
+            "tag-{n}"
+        );
+    }
+    let counts = c
+        .segments()
+        .get_segment_counts(GetSegmentCountsRequest {
+            tenant_id: T.into(),
+            segment_ids: vec![vip],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts;
+    assert_eq!(counts[0].member_count, i64::from(N));
+}
