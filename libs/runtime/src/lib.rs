@@ -11,6 +11,7 @@ pub mod channels;
 pub mod config;
 pub mod error;
 pub mod eventlog;
+pub mod group;
 pub mod grpc;
 pub mod host;
 pub mod metrics;

@@ -54,7 +54,7 @@ use tracing::Instrument;
 use crate::conditions;
 use crate::matching::Matcher;
 use crate::program::{Op, Program};
-use crate::runs::{NewRun, Resume, RunRow, Runs, Started};
+use crate::runs::{Advance, NewRun, Recorder, Resume, RunRow, Runs, Started};
 use crate::store::Scenarios;
 
 type Intercepted =
@@ -92,6 +92,8 @@ type Cached = (Instant, Arc<Vec<Active>>);
 pub struct Executor {
     scenarios: Scenarios,
     runs: Runs,
+    /// Writes the runs' advances, many in one statement under load.
+    recorder: Recorder,
     peers: Peers,
     active: Mutex<HashMap<String, Cached>>,
     programs: Mutex<HashMap<(String, i64), Arc<Program>>>,
@@ -235,6 +237,7 @@ impl Executor {
     pub fn new(scenarios: Scenarios, runs: Runs, peers: Peers) -> Arc<Self> {
         Arc::new(Self {
             scenarios,
+            recorder: Recorder::start(runs.clone()),
             runs,
             peers,
             active: Mutex::default(),
@@ -806,9 +809,17 @@ impl Executor {
         reply_used: bool,
         end: Option<&str>,
     ) -> bool {
+        let advance = Advance {
+            tenant_id: run.tenant_id.clone(),
+            run_id: run.run_id.clone(),
+            pc,
+            steps: done.to_vec(),
+            reply_used,
+            end: end.map(str::to_owned),
+        };
         let recorded = quick_retries(transient_store, || {
-            self.runs
-                .advance(run, pc, done, reply_used, end)
+            self.recorder
+                .advance(advance.clone())
                 .instrument(tracing::info_span!("scenario.record_steps"))
         })
         .await;

@@ -93,6 +93,75 @@ pub struct NewRun {
 }
 
 /// What starting a run came to.
+/// Steps to record for a run, and where it goes next (see
+/// [`Runs::advance_many`]).
+#[derive(Debug, Clone)]
+pub struct Advance {
+    pub tenant_id: String,
+    pub run_id: String,
+    pub pc: usize,
+    /// (step id, detail), in order.
+    pub steps: Vec<(String, String)>,
+    pub reply_used: bool,
+    /// `completed` or `stopped` to end the run there.
+    pub end: Option<String>,
+}
+
+struct PendingAdvance {
+    advance: Advance,
+    reply: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+/// Records advances of runs, those that arrive while others are written
+/// together in one statement (group commit, [`hibiki_runtime::group`]): a
+/// storm's walks end by the thousand, each with one advance.
+#[derive(Clone)]
+pub struct Recorder {
+    queue: tokio::sync::mpsc::UnboundedSender<PendingAdvance>,
+}
+
+/// The most advances written in one statement.
+const MAX_ADVANCES_TOGETHER: usize = 200;
+
+impl Recorder {
+    /// Starts the loop that writes through `runs` (on the current tokio
+    /// runtime).
+    pub fn start(runs: Runs) -> Self {
+        let (queue, waiting) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(hibiki_runtime::group::group_commit(
+            waiting,
+            2,
+            4 * MAX_ADVANCES_TOGETHER,
+            take_advances,
+            move |group| {
+                let runs = runs.clone();
+                async move { runs.write_advances(group).await }
+            },
+        ));
+        Self { queue }
+    }
+
+    /// Records `advance`, once it is durable.
+    pub async fn advance(&self, advance: Advance) -> Result<()> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send(PendingAdvance { advance, reply })
+            .map_err(|_| ServiceError::Unavailable("the run recorder stopped".into()))?;
+        answer.await.map_err(|_| {
+            ServiceError::Unavailable("the run recorder stopped before answering".into())
+        })?
+    }
+}
+
+/// Up to [`MAX_ADVANCES_TOGETHER`] waiting advances, one per run.
+fn take_advances(waiting: &mut std::collections::VecDeque<PendingAdvance>) -> Vec<PendingAdvance> {
+    let mut runs: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    hibiki_runtime::group::take_admitted(waiting, |p| {
+        runs.len() < MAX_ADVANCES_TOGETHER
+            && runs.insert((p.advance.tenant_id.clone(), p.advance.run_id.clone()))
+    })
+}
+
 #[derive(Debug)]
 pub enum Started {
     /// A new run, claimed by the caller.
@@ -432,48 +501,100 @@ impl Runs {
         .await?)
     }
 
-    /// Records `steps` (id, detail) in order and moves the run to `pc`, in
-    /// one statement; `reply_used` forgets the reply token (it works once).
-    /// With `end` (`completed` or `stopped`) the run ends there too.
-    pub async fn advance(
-        &self,
-        run: &RunRow,
-        pc: usize,
-        steps: &[(String, String)],
-        reply_used: bool,
-        end: Option<&str>,
-    ) -> Result<()> {
-        let ids: Vec<&str> = steps.iter().map(|(id, _)| id.as_str()).collect();
-        let details: Vec<&str> = steps.iter().map(|(_, d)| d.as_str()).collect();
+    /// Records each run's steps (id, detail) in order after its earlier ones
+    /// and moves it to its `pc`, forgetting the reply token when it was used
+    /// (it works once); with `end` (`completed` or `stopped`) the run ends
+    /// there too. One statement for all of them; at most one advance per
+    /// run.
+    pub async fn advance_many(&self, advances: &[Advance]) -> Result<()> {
+        if advances.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<&str> = advances.iter().map(|a| a.tenant_id.as_str()).collect();
+        let run_ids: Vec<&str> = advances.iter().map(|a| a.run_id.as_str()).collect();
+        let pcs: Vec<i32> = advances.iter().map(|a| a.pc as i32).collect();
+        let reply_used: Vec<bool> = advances.iter().map(|a| a.reply_used).collect();
+        let ends: Vec<Option<&str>> = advances.iter().map(|a| a.end.as_deref()).collect();
+        let mut step_of: Vec<i64> = Vec::new();
+        let mut step_ids: Vec<&str> = Vec::new();
+        let mut details: Vec<&str> = Vec::new();
+        for (k, a) in advances.iter().enumerate() {
+            for (id, detail) in &a.steps {
+                step_of.push(k as i64 + 1);
+                step_ids.push(id);
+                details.push(detail);
+            }
+        }
         sqlx::query(
-            "WITH u AS (
-               UPDATE runs SET pc = $3,
-                      current_step_id = COALESCE($8[cardinality($8)], current_step_id),
-                      reply_token = CASE WHEN $4 THEN '' ELSE reply_token END,
-                      status = COALESCE($6, status),
-                      finished_at = CASE WHEN $6 IS NULL THEN NULL ELSE now() END,
-                      lease_until = CASE WHEN $6 IS NULL
-                                         THEN now() + make_interval(secs => $5) END
-                WHERE tenant_id = $1 AND run_id = $2
-               RETURNING tenant_id, run_id),
+            "WITH input AS (
+               SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bool[], $5::text[])
+                        WITH ORDINALITY AS x(tenant_id, run_id, pc, reply_used, end_status, k)),
+             steps AS (
+               SELECT s.k, s.step_id, s.detail,
+                      row_number() OVER (PARTITION BY s.k ORDER BY s.n) AS pos,
+                      count(*) OVER (PARTITION BY s.k) AS total
+                 FROM unnest($6::int8[], $7::text[], $8::text[])
+                      WITH ORDINALITY AS s(k, step_id, detail, n)),
+             u AS (
+               UPDATE runs r SET pc = i.pc,
+                      current_step_id = COALESCE(
+                        (SELECT st.step_id FROM steps st WHERE st.k = i.k AND st.pos = st.total),
+                        r.current_step_id),
+                      reply_token = CASE WHEN i.reply_used THEN '' ELSE r.reply_token END,
+                      status = COALESCE(i.end_status, r.status),
+                      finished_at = CASE WHEN i.end_status IS NULL THEN NULL ELSE now() END,
+                      lease_until = CASE WHEN i.end_status IS NULL
+                                         THEN now() + make_interval(secs => $9) END
+                 FROM input i
+                WHERE r.tenant_id = i.tenant_id AND r.run_id = i.run_id
+               RETURNING r.tenant_id, r.run_id, i.k),
              base AS (
-               SELECT COALESCE(max(seq), 0) AS seq FROM run_steps
-                WHERE tenant_id = $1 AND run_id = $2)
+               SELECT u.tenant_id, u.run_id, u.k,
+                      COALESCE((SELECT max(seq) FROM run_steps rs
+                                 WHERE rs.tenant_id = u.tenant_id AND rs.run_id = u.run_id), 0) AS seq
+                 FROM u)
              INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
-             SELECT u.tenant_id, u.run_id, base.seq + s.n, s.step_id, s.detail, true
-               FROM u, base, unnest($8::text[], $7::text[]) WITH ORDINALITY AS s(step_id, detail, n)",
+             SELECT b.tenant_id, b.run_id, b.seq + st.pos, st.step_id, st.detail, true
+               FROM base b JOIN steps st ON st.k = b.k",
         )
-        .bind(&run.tenant_id)
-        .bind(&run.run_id)
-        .bind(pc as i32)
-        .bind(reply_used)
-        .bind(self.lease_secs())
-        .bind(end)
+        .bind(&tenants)
+        .bind(&run_ids)
+        .bind(&pcs)
+        .bind(&reply_used)
+        .bind(&ends)
+        .bind(&step_of)
+        .bind(&step_ids)
         .bind(&details)
-        .bind(&ids)
+        .bind(self.lease_secs())
         .execute(&mut *self.connection().await?)
         .await?;
         Ok(())
+    }
+
+    /// Writes a group of advances in one statement, or each alone if the
+    /// group fails; answers each.
+    async fn write_advances(&self, group: Vec<PendingAdvance>) {
+        if group.len() > 1 {
+            let advances: Vec<Advance> = group.iter().map(|p| p.advance.clone()).collect();
+            match self.advance_many(&advances).await {
+                Ok(()) => {
+                    metrics::histogram!("hibiki_scenario_advances_per_statement")
+                        .record(group.len() as f64);
+                    for p in group {
+                        let _ = p.reply.send(Ok(()));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, runs = group.len(), "group of advances failed; writing each alone");
+                }
+            }
+        }
+        for p in group {
+            metrics::histogram!("hibiki_scenario_advances_per_statement").record(1.0);
+            let result = self.advance_many(std::slice::from_ref(&p.advance)).await;
+            let _ = p.reply.send(result);
+        }
     }
 
     /// A connection from the pool, the wait for it in a span of its own
@@ -781,5 +902,98 @@ mod tests {
         ];
         assert!(runs.start_many(&twice).await.is_err());
         assert!(runs.start_many(&[]).await.unwrap().is_empty());
+    }
+
+    fn advance(run_id: &str, pc: usize, steps: &[&str], end: Option<&str>) -> Advance {
+        Advance {
+            tenant_id: "acme".into(),
+            run_id: run_id.into(),
+            pc,
+            steps: steps
+                .iter()
+                .map(|s| ((*s).to_owned(), format!("{s} done")))
+                .collect(),
+            reply_used: end.is_some(),
+            end: end.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn advances_together_record_each_run_as_if_alone() {
+        let database = TestDatabase::create().await;
+        let runs = runs(&database).await;
+        let once = ReentryPolicy::Once;
+        let started = runs
+            .start_many(&[
+                (new("spring", "U1", "E1"), once),
+                (new("spring", "U2", "E2"), once),
+                (new("spring", "U3", "E3"), once),
+            ])
+            .await
+            .unwrap();
+        assert!(started.iter().all(Option::is_some));
+
+        // One statement: a run that ends after three steps, one that goes
+        // on after one, one with nothing to record yet.
+        runs.advance_many(&[
+            advance(
+                "spring-E1",
+                3,
+                &["tag", "menu", "thanks"],
+                Some("completed"),
+            ),
+            advance("spring-E2", 1, &["tag"], None),
+            advance("spring-E3", 0, &[], None),
+        ])
+        .await
+        .unwrap();
+        // Then the second run goes on, its steps after its first.
+        runs.advance_many(&[advance(
+            "spring-E2",
+            3,
+            &["menu", "thanks"],
+            Some("stopped"),
+        )])
+        .await
+        .unwrap();
+
+        let history =
+            |run: &Run| -> Vec<String> { run.history.iter().map(|s| s.step_id.clone()).collect() };
+        let one = runs.get("acme", "spring-E1").await.unwrap();
+        assert_eq!(history(&one), ["tag", "menu", "thanks"]);
+        assert_eq!(one.status, RunStatus::Completed as i32);
+        assert_eq!(one.current_step_id, "thanks");
+        assert!(one.finished_at.is_some());
+        let two = runs.get("acme", "spring-E2").await.unwrap();
+        assert_eq!(history(&two), ["tag", "menu", "thanks"]);
+        assert_eq!(two.status, RunStatus::Stopped as i32);
+        let three = runs.get("acme", "spring-E3").await.unwrap();
+        assert!(three.history.is_empty());
+        assert_eq!(three.status, RunStatus::Running as i32);
+        assert_eq!(three.current_step_id, "");
+
+        // Through the recorder, from many callers at once.
+        let recorder = Recorder::start(runs.clone());
+        let more: Vec<(NewRun, ReentryPolicy)> = (10..60)
+            .map(|n| (new("autumn", &format!("U{n}"), &format!("E{n}")), once))
+            .collect();
+        runs.start_many(&more).await.unwrap();
+        let calls = more.iter().map(|(n, _)| {
+            let recorder = recorder.clone();
+            let id = n.run_id.clone();
+            async move {
+                recorder
+                    .advance(advance(&id, 2, &["a", "b"], Some("completed")))
+                    .await
+            }
+        });
+        for result in futures::future::join_all(calls).await {
+            result.unwrap();
+        }
+        for (n, _) in &more {
+            let run = runs.get("acme", &n.run_id).await.unwrap();
+            assert_eq!(history(&run), ["a", "b"], "{}", n.run_id);
+            assert_eq!(run.status, RunStatus::Completed as i32);
+        }
     }
 }

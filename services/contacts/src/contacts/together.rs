@@ -17,13 +17,13 @@
 //! and each of its edits is written alone, so an edit's error is its own.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 
 use hibiki_proto::common::v1::TraceContext;
 use hibiki_proto::contacts::v1::{MembershipChange, MutationResponse};
+use hibiki_runtime::group::{group_commit, take_admitted};
 use hibiki_runtime::telemetry;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Contacts, Edit, apply_edit};
 use crate::error::{Error, Result};
@@ -49,35 +49,18 @@ pub struct Pending {
 
 /// Takes the edits waiting and writes them in groups, until every sender
 /// is gone.
-pub async fn run(contacts: Contacts, mut edits: mpsc::UnboundedReceiver<Pending>) {
-    let permits = Arc::new(Semaphore::new(GROUPS_AT_ONCE));
-    let mut waiting: VecDeque<Pending> = VecDeque::new();
-    loop {
-        if waiting.is_empty() {
-            match edits.recv().await {
-                Some(p) => waiting.push_back(p),
-                None => return,
-            }
-        }
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        // What queued while the previous groups were written.
-        while waiting.len() < 4 * MAX_TOGETHER {
-            match edits.try_recv() {
-                Ok(p) => waiting.push_back(p),
-                Err(_) => break,
-            }
-        }
-        let group = take_group(&mut waiting);
-        let contacts = contacts.clone();
-        tokio::spawn(async move {
-            contacts.write_group(group).await;
-            drop(permit);
-        });
-    }
+pub async fn run(contacts: Contacts, edits: mpsc::UnboundedReceiver<Pending>) {
+    group_commit(
+        edits,
+        GROUPS_AT_ONCE,
+        4 * MAX_TOGETHER,
+        take_group,
+        move |group| {
+            let contacts = contacts.clone();
+            async move { contacts.write_group(group).await }
+        },
+    )
+    .await;
 }
 
 /// The first waiting edit's tenant and kind, with every other waiting edit
@@ -90,10 +73,8 @@ fn take_group(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
     let (tenant, create) = (first.tenant.clone(), first.create);
     let mut users: HashSet<String> = HashSet::new();
     let mut keys: HashSet<String> = HashSet::new();
-    let mut group = Vec::new();
-    let mut rest = VecDeque::with_capacity(waiting.len());
-    while let Some(p) = waiting.pop_front() {
-        let fits = group.len() < MAX_TOGETHER
+    take_admitted(waiting, |p| {
+        let fits = users.len() < MAX_TOGETHER
             && p.tenant == tenant
             && p.create == create
             && !users.contains(&p.user)
@@ -101,13 +82,9 @@ fn take_group(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
         if fits {
             users.insert(p.user.clone());
             keys.insert(p.key.clone());
-            group.push(p);
-        } else {
-            rest.push_back(p);
         }
-    }
-    *waiting = rest;
-    group
+        fits
+    })
 }
 
 impl Contacts {
