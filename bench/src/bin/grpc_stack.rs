@@ -127,6 +127,7 @@ async fn hibiki_server() -> String {
             &config,
             authenticator,
             "bench",
+            grpc::Readiness::now(),
             std::future::pending(),
         )
         .await

@@ -23,8 +23,8 @@ use tonic::Status;
 
 use crate::config::{AuthConfig, Secret};
 
-/// gRPC paths that need no token.
-const OPEN_PATHS: &[&str] = &[
+/// gRPC paths that need no token (and answer while a service starts).
+pub(crate) const OPEN_PATHS: &[&str] = &[
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
     "/grpc.reflection.v1alpha.ServerReflection/",

@@ -107,10 +107,14 @@ impl GrpcRoutes {
 /// 2. **telemetry**: a `grpc.server` span continuing the caller's trace, and
 ///    per-method counts and latency. Outside the others so that shed and
 ///    rejected calls are seen too.
-/// 3. **auth**: rejects calls without a valid token before they take a
+/// 3. **readiness** ([`Readiness`]): until the service's schema migrations
+///    are applied, its RPCs answer UNAVAILABLE ("starting") instead of
+///    failing on tables that do not exist yet; health and reflection answer
+///    throughout.
+/// 4. **auth**: rejects calls without a valid token before they take a
 ///    concurrency slot, so unauthenticated traffic cannot crowd out real
 ///    work.
-/// 4. **load shed + concurrency limit**: at most `concurrency_limit` calls
+/// 5. **load shed + concurrency limit**: at most `concurrency_limit` calls
 ///    run at once in this process; one more is refused at once with
 ///    RESOURCE_EXHAUSTED instead of queueing, so overload shows up as fast
 ///    errors the caller can back off from, never as growing latency.
@@ -120,12 +124,14 @@ pub async fn serve(
     config: &ServerConfig,
     authenticator: Authenticator,
     service: &'static str,
+    readiness: Readiness,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stack = tower::ServiceBuilder::new()
         .layer(DeadlineLayer::new(config.request_timeout))
         .layer(TelemetryLayer { service })
+        .layer(readiness)
         .layer(AuthLayer::new(authenticator))
         .load_shed()
         .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
@@ -137,6 +143,70 @@ pub async fn serve(
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Whether a service may answer its RPCs yet: not until its schema
+/// migrations are applied. As a tower layer, it answers the others'
+/// calls UNAVAILABLE ("starting") meanwhile, so a caller retries instead
+/// of seeing a database error; health and reflection always pass.
+#[derive(Debug, Clone)]
+pub struct Readiness(tokio::sync::watch::Receiver<bool>);
+
+impl Readiness {
+    /// Ready from the start (a service without migrations).
+    pub fn now() -> Self {
+        Self(tokio::sync::watch::channel(true).1)
+    }
+
+    /// Ready once `ready` holds true.
+    pub fn when(ready: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self(ready)
+    }
+}
+
+impl<S> tower::Layer<S> for Readiness {
+    type Service = ReadinessService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReadinessService {
+            inner,
+            ready: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`Readiness`] produces.
+#[derive(Debug, Clone)]
+pub struct ReadinessService<S> {
+    inner: S,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ReadinessService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        futures::future::Ready<Result<Self::Response, Self::Error>>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        if *self.ready.borrow() || crate::auth::OPEN_PATHS.iter().any(|p| path.starts_with(p)) {
+            return futures::future::Either::Right(self.inner.call(request));
+        }
+        let status = tonic::Status::unavailable(
+            "starting: the service's database migrations are not applied yet; retry shortly",
+        );
+        futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))
+    }
 }
 
 /// The gRPC methods of hibiki's contracts whose requests stream from the
@@ -457,6 +527,52 @@ pub async fn wait_for_health(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The service behind the gate: answers every call with OK.
+    #[derive(Clone)]
+    struct Ok200;
+
+    impl tower::Service<http::Request<()>> for Ok200 {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = futures::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            futures::future::ready(Ok(http::Response::new(tonic::body::Body::empty())))
+        }
+    }
+
+    async fn status_of(gate: &mut ReadinessService<Ok200>, path: &str) -> Option<String> {
+        use tower::{Service, ServiceExt};
+        let request = http::Request::builder().uri(path).body(()).unwrap();
+        let response = gate.ready().await.unwrap().call(request).await.unwrap();
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[tokio::test]
+    async fn rpcs_answer_unavailable_until_the_service_is_ready() {
+        use tower::Layer;
+        let (ready, watch) = tokio::sync::watch::channel(false);
+        let mut gate = Readiness::when(watch).layer(Ok200);
+        let rpc = "/hibiki.contacts.v1.TenantService/WatchChannels";
+        // 14 is UNAVAILABLE; health answers meanwhile.
+        assert_eq!(status_of(&mut gate, rpc).await.as_deref(), Some("14"));
+        assert_eq!(
+            status_of(&mut gate, "/grpc.health.v1.Health/Check").await,
+            None
+        );
+        ready.send_replace(true);
+        assert_eq!(status_of(&mut gate, rpc).await, None);
+        let mut always = Readiness::now().layer(Ok200);
+        assert_eq!(status_of(&mut always, rpc).await, None);
+    }
 
     #[test]
     fn grpc_timeouts_parse() {

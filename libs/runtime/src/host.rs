@@ -231,6 +231,7 @@ impl ServiceHost {
             &self.config.server,
             authenticator,
             service,
+            grpc::Readiness::when(self.migrated.subscribe()),
             drain_signal,
         );
         tokio::pin!(server);

@@ -50,9 +50,17 @@ async fn start(concurrency_limit: usize, request_timeout: Duration) -> Server {
     let shutdown = Shutdown::new();
     let stop = shutdown.wait();
     tokio::spawn(async move {
-        grpc::serve(listener, routes, &config, authenticator, "test", stop)
-            .await
-            .expect("the server runs");
+        grpc::serve(
+            listener,
+            routes,
+            &config,
+            authenticator,
+            "test",
+            grpc::Readiness::now(),
+            stop,
+        )
+        .await
+        .expect("the server runs");
     });
     Server {
         url,

@@ -50,6 +50,7 @@ async fn spans_are_exported_over_otlp_and_a_call_continues_the_callers_trace() {
             &config,
             authenticator,
             "test",
+            grpc::Readiness::now(),
             std::future::pending(),
         )
         .await
