@@ -234,12 +234,12 @@ async fn main() {
     let run = storm(&args, Some((args.sample_ratio, &args.spans))).await;
     println!("{}", run.summary);
     println!(
-        "== hibiki trace report {} ({} % of taps traced)",
+        "== hibiki trace report --root webhook {} ({} % of taps traced)",
         args.spans.display(),
         args.sample_ratio * 100.0
     );
     let report = hibiki()
-        .args(["trace", "report"])
+        .args(["trace", "report", "--root", "webhook"])
         .arg(&args.spans)
         .stderr(Stdio::inherit())
         .output()

@@ -64,12 +64,16 @@ pub struct ReportArgs {
     /// How many of the slowest traces' critical paths to print.
     #[arg(long, default_value_t = 3)]
     slowest: usize,
+    /// Only the traces whose first span has this name (e.g. `webhook` for
+    /// the taps of a storm, leaving out the checks made after it).
+    #[arg(long)]
+    root: Option<String>,
 }
 
 pub async fn run(args: TraceArgs) -> ExitCode {
     let result = match args.command {
         TraceCommand::Collect(args) => collect(args).await,
-        TraceCommand::Report(args) => report_file(&args.file, args.slowest),
+        TraceCommand::Report(args) => report_file(&args.file, args.slowest, args.root.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -198,9 +202,9 @@ pub fn read_spans(path: &Path) -> Result<Vec<Span>, String> {
     Ok(spans)
 }
 
-fn report_file(path: &Path, slowest: usize) -> Result<(), String> {
+fn report_file(path: &Path, slowest: usize, root: Option<&str>) -> Result<(), String> {
     let spans = read_spans(path)?;
-    let report = report::analyse(&spans, slowest);
+    let report = report::analyse(&spans, slowest, root);
     print!("{}", report.text);
     if report.incomplete > report.traces {
         eprintln!(

@@ -79,6 +79,14 @@ impl<'a> Trace<'a> {
         self.parent.iter().filter(|p| p.is_none()).count() == 1
     }
 
+    /// The name of the span without a parent in the trace.
+    fn root_name(&self) -> Option<&str> {
+        self.parent
+            .iter()
+            .position(Option::is_none)
+            .map(|i| self.spans[i].name.as_str())
+    }
+
     fn start(&self) -> u64 {
         self.spans.iter().map(|s| s.start_ns).min().unwrap_or(0)
     }
@@ -220,8 +228,10 @@ struct StageTimes {
 }
 
 /// Analyses the spans of one run. `slowest` is how many of the slowest
-/// traces' critical paths are printed.
-pub fn analyse(spans: &[Span], slowest: usize) -> Report {
+/// traces' critical paths are printed; with `root`, only the traces that
+/// start with a span of that name count (e.g. `webhook`: the taps, not the
+/// checks a storm makes afterwards).
+pub fn analyse(spans: &[Span], slowest: usize, root: Option<&str>) -> Report {
     let mut by_trace: HashMap<&str, Vec<&Span>> = HashMap::new();
     for s in spans {
         by_trace.entry(s.trace_id.as_str()).or_default().push(s);
@@ -230,10 +240,10 @@ pub fn analyse(spans: &[Span], slowest: usize) -> Report {
     let mut incomplete = 0;
     for (id, spans) in by_trace {
         let t = Trace::new(spans);
-        if t.complete() {
-            traces.push((id, t));
-        } else {
+        if !t.complete() {
             incomplete += 1;
+        } else if root.is_none_or(|name| t.root_name() == Some(name)) {
+            traces.push((id, t));
         }
     }
     // Slowest first; ties by id so the report is stable.
@@ -514,7 +524,7 @@ mod tests {
         // A trace with two spans whose parents never arrived.
         spans.push(span("scenario.event", "orphan", "x", "missing", 0, 1));
         spans.push(span("delivery.line_call", "orphan", "y", "gone", 5, 6));
-        let report = analyse(&spans, 1);
+        let report = analyse(&spans, 1, None);
         assert_eq!(report.traces, 100);
         assert_eq!(report.incomplete, 1);
         assert!(
@@ -544,8 +554,26 @@ mod tests {
     }
 
     #[test]
+    fn a_root_name_keeps_only_the_traces_it_starts() {
+        let mut spans = tap("tap", 21);
+        // A check made after the storm: a trace of its own.
+        spans.push(span(
+            "/hibiki.contacts.v1.ContactService/GetContact",
+            "check",
+            "z",
+            "",
+            0,
+            1,
+        ));
+        assert_eq!(analyse(&spans, 1, None).traces, 2);
+        let taps = analyse(&spans, 1, Some("webhook"));
+        assert_eq!(taps.traces, 1);
+        assert!(!taps.text.contains("contacts.GetContact"), "{}", taps.text);
+    }
+
+    #[test]
     fn no_spans_is_an_empty_report_not_a_panic() {
-        let report = analyse(&[], 3);
+        let report = analyse(&[], 3, None);
         assert_eq!(report.traces, 0);
         assert!(!report.text.contains("bottleneck"));
     }
