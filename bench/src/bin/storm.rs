@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Parser;
-use hibiki_testkit::{RedisKeys, TestDatabase, free_port, random_id};
+use hibiki_testkit::{RedisKeys, TestDatabase, free_port, free_port_run, random_id};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -102,18 +102,6 @@ async fn wait_for_line(child: &mut Child, marker: &str) {
         }
     }
     panic!("never printed {marker:?}:\n{}", seen.join("\n"));
-}
-
-/// A base port with the `len - 1` after it free too.
-fn free_port_run(len: u16) -> u16 {
-    loop {
-        let base = free_port();
-        if base <= u16::MAX - len
-            && (0..len).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
-            return base;
-        }
-    }
 }
 
 /// One storm on a fresh mesh. `trace` is the sample ratio and the spans

@@ -20,6 +20,7 @@ pub mod page;
 pub mod postgres;
 pub mod records;
 pub mod redis;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod timestamp;

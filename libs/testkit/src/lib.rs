@@ -47,6 +47,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A base port with the `len - 1` ports after it free too, for a process
+/// that takes consecutive ports (`hibiki dev`).
+pub fn free_port_run(len: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base <= u16::MAX - len
+            && (0..len).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
 /// A database of its own for one test; dropped (forcibly) when this value is.
 pub struct TestDatabase {
     name: String,

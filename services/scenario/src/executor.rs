@@ -150,48 +150,42 @@ impl From<hibiki_runtime::error::ServiceError> for StepError {
     }
 }
 
-/// Runs started together for a batch, each taken by its event.
+/// What a batch worked out for the first event of each user: the runs each
+/// event triggers (by event id) and those started together (by run id),
+/// each taken once by its event.
 #[derive(Default)]
-struct StartedTogether(Mutex<HashMap<String, RunRow>>);
+struct StartedTogether(Mutex<Together>);
+
+#[derive(Default)]
+struct Together {
+    planned: HashMap<String, Vec<(NewRun, ReentryPolicy)>>,
+    started: HashMap<String, RunRow>,
+}
 
 impl StartedTogether {
+    fn planned(&self, event_id: &str) -> Option<Vec<(NewRun, ReentryPolicy)>> {
+        self.0
+            .lock()
+            .expect("batch starts")
+            .planned
+            .remove(event_id)
+    }
+
     fn take(&self, run_id: &str) -> Option<RunRow> {
-        self.0.lock().expect("started runs").remove(run_id)
+        self.0.lock().expect("batch starts").started.remove(run_id)
     }
 }
 
-/// Pauses before the quick retries of a step (or a run's start) that failed
-/// for a moment: contacts or delivery shedding load, a connection pool
-/// exhausted for a second under a storm. Most such failures clear within a
-/// second, while leaving the run to be taken up again costs its whole lease
-/// (tens of seconds). Each pause is jittered by ±50 % so that a storm's
-/// failures do not come back in step.
-const QUICK_RETRIES: [Duration; 3] = [
-    Duration::from_millis(50),
-    Duration::from_millis(250),
-    Duration::from_millis(1_000),
-];
-
-/// Runs `attempt` until it succeeds, fails for good (`transient` says
-/// which errors are not), or has failed transiently after every quick retry.
-async fn quick_retries<T, E, F, Fut>(transient: fn(&E) -> bool, mut attempt: F) -> Result<T, E>
+/// Retries a step (or a run's start or record) that failed for a moment in
+/// place, instead of leaving the run to wait out its lease (tens of
+/// seconds).
+async fn quick_retries<T, E, F, Fut>(transient: fn(&E) -> bool, attempt: F) -> Result<T, E>
 where
     E: std::fmt::Display,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    for pause in QUICK_RETRIES {
-        match attempt().await {
-            Err(e) if transient(&e) => {
-                tracing::debug!(error = %e, "transient failure; retrying");
-                metrics::counter!("hibiki_scenario_quick_retries_total").increment(1);
-                let jitter = rand::random_range(0.5..1.5);
-                tokio::time::sleep(pause.mul_f64(jitter)).await;
-            }
-            other => return other,
-        }
-    }
-    attempt().await
+    hibiki_runtime::retry::quickly("hibiki_scenario_quick_retries_total", transient, attempt).await
 }
 
 fn transient_step(e: &StepError) -> bool {
@@ -524,40 +518,47 @@ impl Executor {
     /// Starts together, in one transaction, the runs that the first event
     /// of each user in a batch triggers: under a storm the batch's starts
     /// take one connection for four round trips instead of one for four
-    /// round trips each. Returns the runs started, by run id. A failure
-    /// starts nothing here; each event then starts its runs on its own.
+    /// round trips each. Returns each event's planned runs and the runs
+    /// started. A failure starts nothing here; each event then starts its
+    /// runs on its own.
     async fn start_firsts(&self, firsts: &[&InboundEvent]) -> StartedTogether {
+        let mut together = Together::default();
         let mut starts = Vec::new();
         for event in firsts {
             match self.new_runs(event).await {
-                Ok(runs) => starts.extend(runs),
+                Ok(runs) => {
+                    starts.extend(runs.iter().cloned());
+                    together
+                        .planned
+                        .insert(event.webhook_event_id.clone(), runs);
+                }
                 Err(_) => return StartedTogether::default(),
             }
         }
-        if starts.len() < 2 {
-            return StartedTogether::default();
-        }
-        let started = quick_retries(transient_store, || {
-            self.runs
-                .start_many(&starts)
-                .instrument(tracing::info_span!(
-                    "scenario.start_runs",
-                    runs = starts.len()
-                ))
-        })
-        .await;
-        match started {
-            Ok(rows) => StartedTogether(Mutex::new(
-                rows.into_iter()
-                    .flatten()
-                    .map(|r| (r.run_id.clone(), r))
-                    .collect(),
-            )),
-            Err(e) => {
-                tracing::warn!(error = %e, runs = starts.len(), "batch start failed; starting one by one");
-                StartedTogether::default()
+        if starts.len() >= 2 {
+            let started = quick_retries(transient_store, || {
+                self.runs
+                    .start_many(&starts)
+                    .instrument(tracing::info_span!(
+                        "scenario.start_runs",
+                        runs = starts.len()
+                    ))
+            })
+            .await;
+            match started {
+                Ok(rows) => {
+                    together.started = rows
+                        .into_iter()
+                        .flatten()
+                        .map(|r| (r.run_id.clone(), r))
+                        .collect();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, runs = starts.len(), "batch start failed; starting one by one");
+                }
             }
         }
+        StartedTogether(Mutex::new(together))
     }
 
     async fn trigger_traced(
@@ -565,7 +566,11 @@ impl Executor {
         event: &InboundEvent,
         together: &StartedTogether,
     ) -> Result<(), hibiki_runtime::error::ServiceError> {
-        for (new, reentry) in self.new_runs(event).await? {
+        let runs = match together.planned(&event.webhook_event_id) {
+            Some(runs) => runs,
+            None => self.new_runs(event).await?,
+        };
+        for (new, reentry) in runs {
             let started = match together.take(&new.run_id) {
                 Some(run) => Started::New(run),
                 None => {
@@ -1059,59 +1064,5 @@ impl Executor {
             .expect("zones")
             .insert(tenant_id.to_owned(), zone.clone());
         Ok(zone)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Fails with `first` errors, then succeeds; counts the attempts.
-    async fn attempts(failures: Vec<StepError>) -> (Result<u8, StepError>, usize) {
-        let calls = AtomicUsize::new(0);
-        let failures = Mutex::new(failures);
-        let result = quick_retries(transient_step, || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            let next = failures.lock().unwrap().pop();
-            async move {
-                match next {
-                    Some(e) => Err(e),
-                    None => Ok(7),
-                }
-            }
-        })
-        .await;
-        (result, calls.load(Ordering::SeqCst))
-    }
-
-    #[tokio::test]
-    async fn a_transient_failure_is_retried_in_place() {
-        let (result, calls) = attempts(vec![
-            StepError::Transient("busy".into()),
-            StepError::Transient("busy".into()),
-        ])
-        .await;
-        assert_eq!(result.ok(), Some(7));
-        assert_eq!(calls, 3);
-    }
-
-    #[tokio::test]
-    async fn a_permanent_failure_is_not_retried() {
-        let (result, calls) = attempts(vec![StepError::Permanent("no such menu".into())]).await;
-        assert!(matches!(result, Err(StepError::Permanent(_))));
-        assert_eq!(calls, 1);
-    }
-
-    #[tokio::test]
-    async fn quick_retries_give_up_after_the_last_pause() {
-        let (result, calls) = attempts(
-            (0..10)
-                .map(|_| StepError::Transient("down".into()))
-                .collect(),
-        )
-        .await;
-        assert!(matches!(result, Err(StepError::Transient(_))));
-        assert_eq!(calls, QUICK_RETRIES.len() + 1);
     }
 }

@@ -257,17 +257,16 @@ impl Runs {
                 "start_many: two starts of the same scenario for one contact".into(),
             ));
         }
-        let column = |f: &dyn Fn(&NewRun) -> String| -> Vec<String> {
-            starts.iter().map(|(n, _)| f(n)).collect()
-        };
-        let tenants = column(&|n| n.tenant_id.clone());
-        let run_ids = column(&|n| n.run_id.clone());
-        let scenarios = column(&|n| n.scenario_id.clone());
-        let users = column(&|n| n.line_user_id.clone());
-        let channels = column(&|n| n.channel_id.clone());
-        let events = column(&|n| n.trigger_event_id.clone());
-        let tokens = column(&|n| n.reply_token.clone());
-        let traceparents = column(&|n| n.traceparent.clone());
+        let column =
+            |f: fn(&NewRun) -> &str| -> Vec<&str> { starts.iter().map(|(n, _)| f(n)).collect() };
+        let tenants = column(|n| &n.tenant_id);
+        let run_ids = column(|n| &n.run_id);
+        let scenarios = column(|n| &n.scenario_id);
+        let users = column(|n| &n.line_user_id);
+        let channels = column(|n| &n.channel_id);
+        let events = column(|n| &n.trigger_event_id);
+        let tokens = column(|n| &n.reply_token);
+        let traceparents = column(|n| &n.traceparent);
         let versions: Vec<i64> = starts.iter().map(|(n, _)| n.version).collect();
         let reply_until: Vec<Option<DateTime<Utc>>> =
             starts.iter().map(|(n, _)| n.reply_until).collect();
@@ -327,7 +326,7 @@ impl Runs {
         tx.commit().await?;
         let mut by_id: std::collections::HashMap<String, RunRow> =
             started.into_iter().map(|r| (r.run_id.clone(), r)).collect();
-        Ok(run_ids.iter().map(|id| by_id.remove(id)).collect())
+        Ok(run_ids.iter().map(|id| by_id.remove(*id)).collect())
     }
 
     /// Starts a run under `policy`, at most once per triggering event.

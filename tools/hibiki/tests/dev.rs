@@ -4,7 +4,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use hibiki_testkit::{HttpConnection, TestDatabase, free_port, random_id, wait_for_health};
+use hibiki_testkit::{
+    HttpConnection, TestDatabase, free_port, free_port_run, random_id, wait_for_health,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic_health::ServingStatus;
@@ -19,21 +21,6 @@ fn hibiki() -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     cmd
-}
-
-/// A base port with the ones after it free too (`len` in all).
-fn free_port_run(len: u16) -> u16 {
-    loop {
-        let base = free_port();
-        if base > u16::MAX - len {
-            continue;
-        }
-        let all_free =
-            (0..len).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if all_free {
-            return base;
-        }
-    }
 }
 
 #[tokio::test]

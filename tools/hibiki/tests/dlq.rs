@@ -1,6 +1,9 @@
 //! `hibiki dlq list` shows a tenant's dead letters from a running delivery,
 //! and `hibiki dlq replay` sends them again.
 
+mod common;
+
+use common::hibiki;
 use std::time::{Duration, Instant};
 
 use hibiki_line_sim::{LineSim, SimChannel, SimConfig};
@@ -9,21 +12,7 @@ use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
 use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{GetJobRequest, JobStatus, SendRequest, send_request};
 use hibiki_testkit::{RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env};
-use tokio::process::Command;
 use tonic_health::ServingStatus;
-
-async fn hibiki(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_hibiki"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 #[tokio::test]
 async fn dlq_lists_a_dead_letter_and_replays_it() {

@@ -1,24 +1,13 @@
 //! `hibiki scenario apply` applies a YAML file (and says where a bad one is
 //! wrong); `list` and `versions` show what is stored.
 
+mod common;
+
+use common::hibiki;
 use hibiki_proto::contacts::v1::CreateTenantRequest;
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_testkit::{SERVICE_TOKEN, TestDatabase, authorized, lifecycle, random_id, service_env};
-use tokio::process::Command;
 use tonic_health::ServingStatus;
-
-async fn hibiki(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_hibiki"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 #[tokio::test]
 async fn scenario_apply_list_and_versions() {

@@ -1,6 +1,9 @@
 //! `hibiki stats` prints a tenant's figures from a running analytics, and
 //! `hibiki watch` follows its segment counts as contacts change them.
 
+mod common;
+
+use common::hibiki;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -19,19 +22,6 @@ use hibiki_testkit::{
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic_health::ServingStatus;
-
-async fn hibiki(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_hibiki"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 async fn tag(contacts: &str, n: u64) {
     ContactServiceClient::new(authorized(contacts, SERVICE_TOKEN))
