@@ -48,6 +48,62 @@ impl<const N: usize> Env for [(&str, &str); N] {
     }
 }
 
+/// An [`Env`] that remembers every variable asked for. A service binary reads
+/// its settings through one, so that it can list the settings it reads
+/// (`hibiki-contacts settings`) and warn about a `HIBIKI_*` variable that is
+/// set but read by nothing: a misspelt name, or another service's setting,
+/// would otherwise be ignored silently and the default used instead.
+pub struct Recording<'a> {
+    env: &'a dyn Env,
+    asked: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl<'a> Recording<'a> {
+    /// Reads through `env`, remembering the names.
+    pub fn new(env: &'a dyn Env) -> Self {
+        Self {
+            env,
+            asked: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Every variable asked for so far, in order of name.
+    pub fn asked(&self) -> Vec<String> {
+        self.asked
+            .lock()
+            .expect("the set is never left half-updated")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The names in `set` that start with `HIBIKI_` and were never asked for.
+    pub fn unread<'n>(&self, set: impl IntoIterator<Item = &'n str>) -> Vec<String> {
+        let asked = self
+            .asked
+            .lock()
+            .expect("the set is never left half-updated");
+        let mut unread: Vec<String> = set
+            .into_iter()
+            .filter(|name| name.starts_with("HIBIKI_") && !asked.contains(*name))
+            .map(str::to_owned)
+            .collect();
+        unread.sort();
+        unread.dedup();
+        unread
+    }
+}
+
+impl Env for Recording<'_> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.asked
+            .lock()
+            .expect("the set is never left half-updated")
+            .insert(key.to_owned());
+        self.env.var(key)
+    }
+}
+
 /// Values that take precedence over another [`Env`]: lets `hibiki dev` give
 /// each in-process service its own ports, and tests point a service at their
 /// own database and Redis prefix.
@@ -572,6 +628,24 @@ mod tests {
         let printed = format!("{c:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains(DEV_SERVICE_TOKEN), "{printed}");
+    }
+
+    #[test]
+    fn recording_lists_what_was_read_and_what_was_set_but_not_read() {
+        let env = [
+            ("HIBIKI_GRPC_ADDR", "0.0.0.0:9090"),
+            ("HIBIKI_DATABSE_URL", "postgres://db/hibiki"),
+        ];
+        let recording = Recording::new(&env);
+        RuntimeConfig::from_env(&recording, CONTACTS).unwrap();
+        let asked = recording.asked();
+        for name in ["HIBIKI_GRPC_ADDR", "HIBIKI_DATABASE_URL", "HIBIKI_LOG"] {
+            assert!(asked.iter().any(|a| a == name), "{name} not in {asked:?}");
+        }
+        assert_eq!(
+            recording.unread(["HIBIKI_GRPC_ADDR", "HIBIKI_DATABSE_URL", "PATH"]),
+            vec!["HIBIKI_DATABSE_URL".to_owned()]
+        );
     }
 
     #[test]

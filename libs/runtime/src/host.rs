@@ -7,7 +7,8 @@
 //! (and, for PostgreSQL, once its migrations are applied) and its own
 //! readiness checks pass ([`ServiceHost::add_check`]); NOT_SERVING
 //! otherwise. A monitor re-checks twice a second, so a service recovers by
-//! itself when a store comes back.
+//! itself when a store comes back. The name [`LIVENESS`] answers SERVING
+//! while the process runs, for liveness probes.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,6 +25,12 @@ use crate::metrics;
 use crate::postgres::{self, PostgresError};
 use crate::redis::{Redis, RedisError};
 use crate::shutdown::Shutdown;
+
+/// The health name that answers SERVING for as long as the process runs,
+/// whatever its stores say: Kubernetes' liveness probe asks for it, so a
+/// PostgreSQL outage takes pods out of the load balancer (readiness, the
+/// overall status "") without restarting them all.
+pub const LIVENESS: &str = "liveness";
 
 /// How often the dependency monitor checks the stores.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
@@ -132,6 +139,9 @@ impl ServiceHost {
         );
         health
             .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status(LIVENESS, ServingStatus::Serving)
             .await;
         let (migrated, _) = tokio::sync::watch::channel(needs.postgres.is_none());
         Ok(Self {

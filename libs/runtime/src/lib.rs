@@ -26,6 +26,8 @@ pub mod telemetry;
 pub mod timestamp;
 
 pub use auth::Caller;
-pub use config::{ConfigError, Env, Overlay, ProcessEnv, RuntimeConfig, Secret, ServiceDefaults};
+pub use config::{
+    ConfigError, Env, Overlay, ProcessEnv, Recording, RuntimeConfig, Secret, ServiceDefaults,
+};
 pub use host::{HostError, Migrated, Needs, ServiceHost};
 pub use shutdown::Shutdown;

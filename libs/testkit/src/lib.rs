@@ -771,6 +771,14 @@ pub mod lifecycle {
         );
         let (url, shutdown, task) = start::<S>(&env).await;
         wait_for_health(&url, ServingStatus::NotServing).await;
+        // Liveness stays SERVING: an outage must not get every pod restarted.
+        assert_eq!(
+            hibiki_runtime::grpc::health_status(&url, hibiki_runtime::host::LIVENESS)
+                .await
+                .expect("liveness answers"),
+            ServingStatus::Serving,
+            "liveness while PostgreSQL is away"
+        );
 
         proxy.restore().await;
         wait_for_health(&url, ServingStatus::Serving).await;

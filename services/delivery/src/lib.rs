@@ -148,9 +148,14 @@ impl Service for Application {
     type Config = Config;
 
     const DEFAULTS: ServiceDefaults = DEFAULTS;
+    const NEEDS: Needs = NEEDS;
 
     fn config_from_env(env: &dyn Env) -> Result<Config, ConfigError> {
         Config::from_env(env)
+    }
+
+    fn runtime_config(config: &Config) -> &RuntimeConfig {
+        &config.runtime
     }
 
     async fn build(config: Config) -> Result<Self, HostError> {

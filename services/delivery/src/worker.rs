@@ -171,6 +171,7 @@ pub fn start(
 async fn dispatch(ctx: Arc<Ctx>) {
     let mut owned: HashMap<QueueId, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut warned = false;
+    let mut last_backlog = std::time::Instant::now() - BACKLOG_EVERY;
     loop {
         owned.retain(|_, task| !task.is_finished());
         match active_queues(&ctx).await {
@@ -197,6 +198,10 @@ async fn dispatch(ctx: Arc<Ctx>) {
             Err(_) => {}
         }
         metrics::gauge!("hibiki_delivery_queues_owned").set(owned.len() as f64);
+        if last_backlog.elapsed() >= BACKLOG_EVERY {
+            last_backlog = std::time::Instant::now();
+            record_backlog(&ctx, owned.keys()).await;
+        }
         tokio::select! {
             () = ctx.shutdown.cancelled() => break,
             () = tokio::time::sleep(ctx.config.poll) => {}
@@ -204,6 +209,41 @@ async fn dispatch(ctx: Arc<Ctx>) {
     }
     for (_, task) in owned {
         let _ = task.await;
+    }
+}
+
+/// How often a replica measures the backlog of the queues it runs.
+const BACKLOG_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sets `hibiki_delivery_backlog{class}`: the calls waiting in the queues
+/// this replica runs (ready, coalesced and delayed). Summed over replicas it
+/// is the work delivery is behind by, what KEDA scales delivery on
+/// (`k8s/components/keda`).
+async fn record_backlog<'q>(ctx: &Ctx, owned: impl Iterator<Item = &'q QueueId>) {
+    let owned: Vec<&QueueId> = owned.collect();
+    let mut pipe = redis::pipe();
+    for q in &owned {
+        pipe.cmd("XLEN").arg(ctx.keys.stream(q));
+        pipe.cmd("XLEN").arg(ctx.keys.merged(q));
+        pipe.cmd("ZCARD").arg(ctx.keys.delayed(q));
+    }
+    let counts: Vec<u64> = if owned.is_empty() {
+        Vec::new()
+    } else {
+        match ctx.keys.redis().pipeline(&pipe).await {
+            Ok(counts) => counts,
+            // The dispatcher's own reads report Redis trouble.
+            Err(_) => return,
+        }
+    };
+    for class in [Class::Realtime, Class::Bulk] {
+        let waiting: u64 = owned
+            .iter()
+            .zip(counts.chunks(3))
+            .filter(|(q, _)| q.class == class)
+            .map(|(_, c)| c.iter().sum::<u64>())
+            .sum();
+        metrics::gauge!("hibiki_delivery_backlog", "class" => class.name()).set(waiting as f64);
     }
 }
 
