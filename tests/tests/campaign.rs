@@ -6,7 +6,7 @@
 //! exactly a thousand in contacts and in analytics, a watcher sees the count
 //! rise to it, each friend has the campaign menu in line-sim and got one
 //! thank-you. Then the same with the scenario executor killed mid-storm and
-//! started again.
+//! started again, and the same on a Redis Cluster of three nodes.
 
 mod support;
 
@@ -21,8 +21,8 @@ use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
 use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
 use hibiki_proto::scenario::v1::ListRunsRequest;
 use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
-use hibiki_testkit::{SERVICE_TOKEN, authorized, wait_for_health};
-use support::{CHANNEL, Killable, Mesh, TAG, TENANT, USERS, mesh, taps, user};
+use hibiki_testkit::{RedisCluster, SERVICE_TOKEN, authorized, wait_for_health};
+use support::{CHANNEL, Killable, Mesh, TAG, TENANT, USERS, mesh, mesh_on, taps, user};
 use tonic_health::ServingStatus;
 
 /// Waits for the chain to finish, then checks every promise of the
@@ -179,4 +179,19 @@ async fn the_same_end_state_when_the_executor_is_killed_mid_storm_and_restarted(
     taps(&mesh, USERS / 2, USERS).await;
     check(&mesh, watched).await;
     eprintln!("killed with {done_at_kill} of {USERS} menus switched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_a_redis_cluster_of_three_nodes() {
+    let cluster = RedisCluster::start().await;
+    let mesh = mesh_on(Some(&cluster)).await;
+    let watched = watch(&mesh).await;
+    taps(&mesh, 0, USERS).await;
+    check(&mesh, watched).await;
+    // The event log, delivery's queues and the counters are spread over
+    // the nodes, not piled on one.
+    for url in cluster.node_urls() {
+        let keys = RedisCluster::keys_on(&url).await;
+        assert!(keys > 0, "{url} holds no key");
+    }
 }

@@ -544,7 +544,11 @@ fn check_keda(overlay: &str, objects: &[Value]) -> usize {
         );
         let streams: BTreeSet<&str> = items(&so["spec"]["triggers"])
             .iter()
-            .filter(|t| t["type"] == "redis-streams")
+            .filter(|t| {
+                t["type"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("redis") && k.ends_with("streams"))
+            })
             .filter_map(|t| t["metadata"]["stream"].as_str())
             .collect();
         if streams.is_empty() {
@@ -552,6 +556,15 @@ fn check_keda(overlay: &str, objects: &[Value]) -> usize {
         }
         let deployment = find(objects, "Deployment", target).expect("checked above");
         let env = environment(objects, &items(&pod_spec(deployment)["containers"])[0]);
+        if items(&so["spec"]["triggers"])
+            .iter()
+            .any(|t| t["type"] == "redis-cluster-streams")
+        {
+            assert_eq!(
+                env["HIBIKI_REDIS_CLUSTER"], "true",
+                "{overlay}: cluster triggers for a Redis that is not a cluster"
+            );
+        }
         let shards: u32 = env["HIBIKI_EVENTLOG_SHARDS"].parse().expect("a number");
         let prefix = &env["HIBIKI_REDIS_PREFIX"];
         let want: BTreeSet<String> = (0..shards)

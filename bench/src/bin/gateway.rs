@@ -428,6 +428,7 @@ async fn main() {
     // Exactly one log entry per accepted webhook.
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new(env["HIBIKI_REDIS_URL"].clone()),
+        cluster: false,
         key_prefix: env["HIBIKI_REDIS_PREFIX"].clone(),
         pool_size: 1,
     })

@@ -449,8 +449,13 @@ pub struct PostgresConfig {
 /// Redis settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
-    /// `HIBIKI_REDIS_URL`, default `redis://127.0.0.1:6379`.
+    /// `HIBIKI_REDIS_URL`, default `redis://127.0.0.1:6379`. Under Redis
+    /// Cluster, one or more of its nodes, comma-separated (the others are
+    /// found from them).
     pub url: Secret,
+    /// `HIBIKI_REDIS_CLUSTER`: whether Redis is a Redis Cluster. Default
+    /// false.
+    pub cluster: bool,
     /// `HIBIKI_REDIS_PREFIX`: the first part of every key, so several meshes
     /// (or tests) can share one Redis. Default `hibiki`.
     pub key_prefix: String,
@@ -488,6 +493,23 @@ pub struct RuntimeConfig {
     pub redis: RedisConfig,
 }
 
+/// `HIBIKI_REDIS_URL`: one URL, or several comma-separated (Redis
+/// Cluster's seed nodes), each `redis://` or `rediss://`.
+fn redis_urls(r: &Reader<'_>) -> Result<String, ConfigError> {
+    let urls = r.string("HIBIKI_REDIS_URL", DEFAULT_REDIS_URL);
+    for url in urls.split(',').map(str::trim) {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            // The URL may hold a password: name the schemes, not the value.
+            return Err(ConfigError::new(
+                "HIBIKI_REDIS_URL",
+                "must be a URL starting with redis:// or rediss:// (several, comma-separated, \
+                 for Redis Cluster)",
+            ));
+        }
+    }
+    Ok(urls)
+}
+
 /// Default PostgreSQL URL: the local server with trust auth.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://root@127.0.0.1:5432/hibiki";
 /// Default Redis URL.
@@ -503,6 +525,14 @@ impl RuntimeConfig {
             return Err(ConfigError::new(
                 "HIBIKI_REDIS_PREFIX",
                 format!("must not contain braces or spaces, got {key_prefix:?}"),
+            ));
+        }
+        let redis_url = redis_urls(&r)?;
+        let redis_cluster: bool = r.parse("HIBIKI_REDIS_CLUSTER", false)?;
+        if redis_url.contains(',') && !redis_cluster {
+            return Err(ConfigError::new(
+                "HIBIKI_REDIS_URL",
+                "lists several nodes: set HIBIKI_REDIS_CLUSTER=true for a Redis Cluster",
             ));
         }
         Ok(Self {
@@ -525,11 +555,8 @@ impl RuntimeConfig {
                 max_connections: r.positive("HIBIKI_DATABASE_MAX_CONNECTIONS", 10)? as u32,
             },
             redis: RedisConfig {
-                url: Secret::new(r.url(
-                    "HIBIKI_REDIS_URL",
-                    DEFAULT_REDIS_URL,
-                    &["redis", "rediss"],
-                )?),
+                url: Secret::new(redis_url),
+                cluster: redis_cluster,
                 key_prefix,
                 pool_size: r.positive("HIBIKI_REDIS_POOL_SIZE", 16)?,
             },
@@ -608,6 +635,9 @@ mod tests {
             ("HIBIKI_LOG", "info,=="),
             ("HIBIKI_DATABASE_URL", "mysql://root@db/hibiki"),
             ("HIBIKI_REDIS_URL", "127.0.0.1:6379"),
+            ("HIBIKI_REDIS_URL", "redis://a:6379,b:6379"),
+            ("HIBIKI_REDIS_URL", "redis://a:6379,redis://b:6379"),
+            ("HIBIKI_REDIS_CLUSTER", "yes"),
             ("HIBIKI_REDIS_PREFIX", "{bad}"),
             ("HIBIKI_SERVICE_TOKENS", "short"),
             ("HIBIKI_OPERATOR_TOKENS", "acme"),
@@ -619,6 +649,25 @@ mod tests {
             assert_eq!(err.var, *var, "{err}");
             assert!(err.to_string().starts_with(var), "{err}");
         }
+    }
+
+    #[test]
+    fn a_redis_cluster_is_named_by_some_of_its_nodes() {
+        let env = [
+            (
+                "HIBIKI_REDIS_URL",
+                "redis://:pw@redis-0:6379, redis://:pw@redis-1:6379",
+            ),
+            ("HIBIKI_REDIS_CLUSTER", "true"),
+        ];
+        let c = RuntimeConfig::from_env(&env, CONTACTS).unwrap();
+        assert!(c.redis.cluster);
+        assert!(
+            !RuntimeConfig::from_env(&[], CONTACTS)
+                .unwrap()
+                .redis
+                .cluster
+        );
     }
 
     #[test]

@@ -5,6 +5,14 @@
 //!
 //! Keys are built with [`Redis::key`]; keys that must live in the same Redis
 //! Cluster slot put their shard in a `{hash tag}`.
+//!
+//! Under Redis Cluster (`HIBIKI_REDIS_CLUSTER=true`) the shared connection is
+//! a cluster connection that sends each command to the node holding its
+//! slot. Redis Cluster takes a pipeline only when all its keys share one
+//! slot, and hibiki's pipelines span shards and channels, so there a
+//! pipeline's commands go out one by one, all at once (the connection still
+//! writes them back to back to each node), and their replies come back in
+//! the pipeline's order. A script's keys always share one slot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +29,9 @@ pub enum RedisError {
     /// `HIBIKI_REDIS_URL` or the pool settings are invalid.
     #[error("HIBIKI_REDIS_URL: {0}")]
     Config(#[from] deadpool_redis::CreatePoolError),
+    /// The Redis settings contradict each other.
+    #[error("{0}")]
+    Settings(&'static str),
     /// No connection could be had from the pool.
     #[error("redis unreachable: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
@@ -29,18 +40,80 @@ pub enum RedisError {
     Command(#[from] redis::RedisError),
 }
 
+/// How a service reaches Redis.
+#[derive(Clone)]
+enum Client {
+    /// One Redis (a primary).
+    Node(redis::Client),
+    /// A Redis Cluster, from its seed nodes.
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// The shared connection: to one Redis, or to a Redis Cluster.
+#[derive(Clone)]
+enum Shared {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Shared {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Shared::Node(c) => c.req_packed_command(cmd),
+            Shared::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Shared::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Shared::Cluster(c) => Box::pin(async move {
+                if offset != 0 || count != pipeline.len() {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "transactions (MULTI) are not used on Redis Cluster",
+                    )));
+                }
+                // Each command on its own, all at once: each goes to its
+                // slot's node, in the pipeline's order.
+                let replies = futures::future::join_all(pipeline.cmd_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { c.req_packed_command(cmd).await }
+                }))
+                .await;
+                replies.into_iter().collect()
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Shared::Node(c) => c.get_db(),
+            Shared::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A service's Redis handle.
 #[derive(Clone)]
 pub struct Redis {
     pool: Pool,
     prefix: String,
-    client: redis::Client,
+    client: Client,
     /// The shared connection. A plain mutex, never held across an await:
     /// callers only clone the handle, so a caller that is not being polled
     /// (one of many futures in a select or a `FuturesUnordered`) can never
     /// hold up the others, as it could by waiting its turn in a fair async
     /// lock.
-    shared: Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    shared: Arc<std::sync::Mutex<Option<Shared>>>,
     /// Taken while (re)connecting, so that one caller connects at a time.
     connecting: Arc<tokio::sync::Mutex<()>>,
 }
@@ -61,7 +134,9 @@ impl Redis {
     /// A pool that connects on first use (a service starts while Redis is
     /// down and reports NOT_SERVING until it is back).
     pub fn connect_lazy(config: &RedisConfig) -> Result<Self, RedisError> {
-        let mut cfg = Config::from_url(config.url.expose());
+        let urls: Vec<&str> = config.url.expose().split(',').map(str::trim).collect();
+        // The pool serves a single Redis; under Redis Cluster it is not used.
+        let mut cfg = Config::from_url(urls[0]);
         let mut pool_cfg = PoolConfig::new(config.pool_size);
         // Fail fast when Redis is down instead of queueing callers.
         pool_cfg.timeouts = Timeouts {
@@ -71,7 +146,22 @@ impl Redis {
         };
         cfg.pool = Some(pool_cfg);
         let pool = cfg.create_pool(Some(Runtime::Tokio1))?;
-        let client = redis::Client::open(config.url.expose())?;
+        let client = if config.cluster {
+            Client::Cluster(Box::new(
+                redis::cluster::ClusterClient::builder(urls)
+                    .connection_timeout(SHARED_TIMEOUT)
+                    .response_timeout(SHARED_TIMEOUT)
+                    .build()?,
+            ))
+        } else {
+            if urls.len() > 1 {
+                return Err(RedisError::Settings(
+                    "HIBIKI_REDIS_URL lists several nodes: set HIBIKI_REDIS_CLUSTER=true for a \
+                     Redis Cluster",
+                ));
+            }
+            Client::Node(redis::Client::open(urls[0])?)
+        };
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
@@ -83,7 +173,7 @@ impl Redis {
 
     /// The shared multiplexed connection, connecting first if there is none:
     /// concurrent callers' commands go out pipelined on one socket.
-    async fn shared(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+    async fn shared(&self) -> Result<Shared, redis::RedisError> {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
@@ -91,22 +181,28 @@ impl Redis {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(SHARED_TIMEOUT))
-            .set_response_timeout(Some(SHARED_TIMEOUT));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let conn = match &self.client {
+            Client::Node(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(SHARED_TIMEOUT))
+                    .set_response_timeout(Some(SHARED_TIMEOUT));
+                Shared::Node(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
+            }
+            Client::Cluster(client) => Shared::Cluster(client.get_async_connection().await?),
+        };
         *self.slot() = Some(conn.clone());
         Ok(conn)
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<redis::aio::MultiplexedConnection>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn current(&self) -> Option<redis::aio::MultiplexedConnection> {
+    fn current(&self) -> Option<Shared> {
         self.slot().clone()
     }
 
@@ -178,9 +274,16 @@ impl Redis {
         }
     }
 
-    /// The connection pool.
+    /// The connection pool of a single Redis (not for Redis Cluster; the
+    /// services use [`Redis::command`], [`Redis::pipeline`] and
+    /// [`Redis::script`], which work on both).
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Whether this is a Redis Cluster (`HIBIKI_REDIS_CLUSTER`).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.client, Client::Cluster(_))
     }
 
     /// The configured key prefix.
@@ -200,6 +303,11 @@ impl Redis {
 
     /// Checks that Redis answers PING.
     pub async fn ping(&self) -> Result<(), RedisError> {
+        if self.is_cluster() {
+            // Every primary answers: a cluster missing one cannot serve.
+            let _: String = self.command(&redis::cmd("PING")).await?;
+            return Ok(());
+        }
         let mut conn = self.pool.get().await?;
         let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
         Ok(())
@@ -306,10 +414,28 @@ mod tests {
     fn keys_start_with_the_prefix() {
         let r = Redis::connect_lazy(&RedisConfig {
             url: Secret::new("redis://127.0.0.1:1"),
+            cluster: false,
             key_prefix: "t1".into(),
             pool_size: 1,
         })
         .unwrap();
         assert_eq!(r.key(&["events", "{3}"]), "t1:events:{3}");
+    }
+
+    #[test]
+    fn several_nodes_mean_a_cluster_and_must_be_said_so() {
+        let config = |cluster| RedisConfig {
+            url: Secret::new("redis://127.0.0.1:7000, redis://127.0.0.1:7001"),
+            cluster,
+            key_prefix: "t1".into(),
+            pool_size: 1,
+        };
+        let err = Redis::connect_lazy(&config(false)).unwrap_err();
+        assert!(
+            err.to_string().contains("HIBIKI_REDIS_CLUSTER=true"),
+            "{err}"
+        );
+        let cluster = Redis::connect_lazy(&config(true)).expect("a lazy cluster handle");
+        assert!(cluster.is_cluster());
     }
 }

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::{Appended, Consumer, ConsumerConfig, Delivery, Event, EventLog};
 use hibiki_runtime::redis::{Redis, redis};
-use hibiki_testkit::{RedisKeys, random_id};
+use hibiki_testkit::{RedisCluster, RedisKeys, random_id};
 
 /// A log of 4 shards under a fresh prefix, deleted when the guard drops.
 fn log(max_len: u64) -> (EventLog, Redis, RedisKeys) {
     let prefix = format!("test-{}", random_id());
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new("redis://127.0.0.1:6379"),
+        cluster: false,
         key_prefix: prefix.clone(),
         pool_size: 2,
     })
@@ -211,6 +212,35 @@ async fn drain(
 #[tokio::test]
 async fn two_consumers_share_the_shards_and_deliver_each_entry_once_in_order() {
     let (log, _redis, _keys) = log(10_000);
+    consumers_share_the_shards(log).await;
+}
+
+#[tokio::test]
+async fn on_redis_cluster_the_shards_spread_over_the_nodes_and_consumers_share_them() {
+    let cluster = RedisCluster::start().await;
+    let redis = Redis::connect_lazy(&RedisConfig {
+        url: Secret::new(cluster.url()),
+        cluster: true,
+        key_prefix: "hibiki".into(),
+        pool_size: 2,
+    })
+    .expect("a cluster handle");
+    assert!(redis.is_cluster());
+    redis.ping().await.expect("every primary answers");
+    let log = EventLog::new(redis, 4, 10_000, Duration::from_secs(60));
+    consumers_share_the_shards(log).await;
+    let mut holding = 0;
+    for url in cluster.node_urls() {
+        if RedisCluster::keys_on(&url).await > 0 {
+            holding += 1;
+        }
+    }
+    assert!(holding >= 2, "the log's keys sit on {holding} of 3 nodes");
+}
+
+/// Two consumers of one group split the shards, see every entry once and
+/// each user's entries in order, and trim what they acknowledged.
+async fn consumers_share_the_shards(log: EventLog) {
     let users: Vec<String> = (0..24).map(|n| format!("U{n:02}")).collect();
     append_rounds(&log, &users, 0..5, "a").await;
 

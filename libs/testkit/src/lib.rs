@@ -228,6 +228,150 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of the test's own: three primaries on free ports (each
+/// with its cluster bus port, 10,000 above, free too), the 16,384 slots
+/// spread over them by `redis-cli --cluster create`. Stopped on drop.
+pub struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts the three nodes and waits until the cluster reports `ok`.
+    pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("hibiki-cluster-{}", random_id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the nodes' files");
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let port = free_port();
+            if port < 55_000
+                && !ports.contains(&port)
+                && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+            {
+                ports.push(port);
+            }
+        }
+        let children = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port"])
+                    .arg(port.to_string())
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(dir.join(format!("nodes-{port}.conf")))
+                    .arg("--dir")
+                    .arg(&dir)
+                    .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be on PATH (apt-get install -y redis-server)")
+            })
+            .collect();
+        let cluster = Self {
+            ports,
+            children,
+            dir,
+        };
+        for url in cluster.node_urls() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !redis_answers(&url).await {
+                assert!(
+                    Instant::now() < deadline,
+                    "{url} did not answer within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be on PATH (apt-get install -y redis-tools)");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for url in cluster.node_urls() {
+            loop {
+                let state = cluster_state(&url).await;
+                if state.as_deref() == Some("ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{url}: cluster_state {state:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster
+    }
+
+    /// Every node's `redis://127.0.0.1:<port>`.
+    pub fn node_urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// `HIBIKI_REDIS_URL` for the cluster: its nodes, comma-separated.
+    pub fn url(&self) -> String {
+        self.node_urls().join(",")
+    }
+
+    /// The settings that point a service at the cluster.
+    pub fn settings(&self) -> [(String, String); 2] {
+        [
+            ("HIBIKI_REDIS_URL".into(), self.url()),
+            ("HIBIKI_REDIS_CLUSTER".into(), "true".into()),
+        ]
+    }
+
+    /// How many keys the node at `url` holds: that the keys are spread.
+    pub async fn keys_on(url: &str) -> u64 {
+        let client = hibiki_runtime::redis::redis::Client::open(url).expect("a node URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the node answers");
+        hibiki_runtime::redis::redis::cmd("DBSIZE")
+            .query_async(&mut conn)
+            .await
+            .expect("DBSIZE")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn cluster_state(url: &str) -> Option<String> {
+    let client = hibiki_runtime::redis::redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = hibiki_runtime::redis::redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix("cluster_state:"))
+        .map(str::to_owned)
+}
+
 async fn redis_answers(url: &str) -> bool {
     let Ok(client) = hibiki_runtime::redis::redis::Client::open(url) else {
         return false;

@@ -75,6 +75,7 @@ async fn mesh() -> Mesh {
         .unwrap();
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new(env["HIBIKI_REDIS_URL"].clone()),
+        cluster: false,
         key_prefix: env["HIBIKI_REDIS_PREFIX"].clone(),
         pool_size: 2,
     })

@@ -102,12 +102,8 @@ pub async fn publish_batch(pool: &PgPool, redis: &Redis, key: &str) -> Result<us
             .arg(payload.as_slice())
             .ignore();
     }
-    let mut conn = redis
-        .pool()
-        .get()
-        .await
-        .map_err(|e| Error::Unavailable(format!("redis: {e}")))?;
-    pipe.query_async::<()>(&mut *conn)
+    redis
+        .pipeline::<()>(&pipe)
         .await
         .map_err(|e| Error::Unavailable(format!("redis: {e}")))?;
     let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();

@@ -35,6 +35,7 @@ async fn only_committed_changes_are_published_and_each_once() {
     let pool = common::migrated_pool(&database).await;
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new("redis://127.0.0.1:6379"),
+        cluster: false,
         key_prefix: format!("test-{}", random_id()),
         pool_size: 2,
     })

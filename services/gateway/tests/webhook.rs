@@ -198,6 +198,7 @@ async fn put_channel(contacts_url: &str, channel_id: &str, secret: &str) {
 fn event_log(env: &HashMap<String, String>) -> EventLog {
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new(env["HIBIKI_REDIS_URL"].clone()),
+        cluster: false,
         key_prefix: env["HIBIKI_REDIS_PREFIX"].clone(),
         pool_size: 2,
     })

@@ -123,6 +123,7 @@ async fn mesh_with(in_process: bool) -> Mesh {
     };
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new(env["HIBIKI_REDIS_URL"].clone()),
+        cluster: false,
         key_prefix: env["HIBIKI_REDIS_PREFIX"].clone(),
         pool_size: 2,
     })

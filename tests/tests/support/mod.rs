@@ -24,8 +24,8 @@ use hibiki_proto::scenario::v1::{ApplyRequest, apply_request};
 use hibiki_runtime::Shutdown;
 use hibiki_runtime::app::Service;
 use hibiki_testkit::{
-    HttpConnection, RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, free_port, lifecycle,
-    service_env, wait_for_health,
+    HttpConnection, RedisCluster, RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, free_port,
+    lifecycle, service_env, wait_for_health,
 };
 use tonic_health::ServingStatus;
 
@@ -102,9 +102,18 @@ impl Drop for Mesh {
 }
 
 pub async fn mesh() -> Mesh {
+    mesh_on(None).await
+}
+
+/// The mesh on the shared Redis, or on `cluster`, a Redis Cluster of the
+/// test's own.
+pub async fn mesh_on(cluster: Option<&RedisCluster>) -> Mesh {
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
     let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
+    if let Some(cluster) = cluster {
+        env.extend(cluster.settings());
+    }
     // A killed executor's runs are taken up within 2 s.
     env.insert("HIBIKI_SCENARIO_LEASE_MS".into(), "2000".into());
     let loopback = "127.0.0.1:0".parse().unwrap();

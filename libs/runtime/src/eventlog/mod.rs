@@ -489,7 +489,11 @@ async fn write_appends(log: EventLog, mut queue: mpsc::Receiver<Pending>) {
                     }
                 }
                 if cluster.is_none() {
-                    cluster = is_cluster(&log.redis).await;
+                    cluster = if log.redis.is_cluster() {
+                        Some(true)
+                    } else {
+                        is_cluster(&log.redis).await
+                    };
                 }
                 let (pipe, owners) = log.pipeline(&batch, cluster.unwrap_or(true));
                 let redis = log.redis.clone();
@@ -633,6 +637,7 @@ mod tests {
     fn a_users_events_share_a_shard_and_shards_spread() {
         let redis = Redis::connect_lazy(&crate::config::RedisConfig {
             url: crate::config::Secret::new("redis://127.0.0.1:6379"),
+            cluster: false,
             key_prefix: "shards".into(),
             pool_size: 1,
         })
@@ -688,6 +693,7 @@ mod tests {
             let _keys = hibiki_testkit::RedisKeys::new("redis://127.0.0.1:6379", &prefix);
             let redis = Redis::connect_lazy(&crate::config::RedisConfig {
                 url: crate::config::Secret::new("redis://127.0.0.1:6379"),
+                cluster: false,
                 key_prefix: prefix,
                 pool_size: 1,
             })
