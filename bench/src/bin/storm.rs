@@ -110,9 +110,10 @@ async fn storm(args: &Args, trace: Option<(f64, &Path)>) -> Run {
     let database = TestDatabase::reserve();
     let prefix = format!("test-{}", random_id());
     let _keys = RedisKeys::new("redis://127.0.0.1:6379", &prefix);
-    let grpc = free_port_run(5);
-    let metrics = free_port_run(5);
+    let grpc = free_port_run(6);
+    let metrics = free_port_run(6);
     let http = free_port();
+    let dashboard = free_port();
     let sim = free_port_run(2);
 
     let mut collector = None;
@@ -120,6 +121,7 @@ async fn storm(args: &Args, trace: Option<(f64, &Path)>) -> Run {
     dev.args(["dev", "--grpc-port", &grpc.to_string()])
         .args(["--metrics-port", &metrics.to_string()])
         .args(["--http-port", &http.to_string()])
+        .args(["--dashboard-port", &dashboard.to_string()])
         .args(["--line-sim-port", &sim.to_string()])
         .env("HIBIKI_DATABASE_URL", database.url())
         .env("HIBIKI_REDIS_PREFIX", &prefix)

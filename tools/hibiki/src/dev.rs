@@ -20,8 +20,8 @@ pub struct DevArgs {
     /// Address the services listen on.
     #[arg(long, default_value = "127.0.0.1", env = "HIBIKI_DEV_HOST")]
     host: std::net::IpAddr,
-    /// First gRPC port: gateway, contacts, scenario, delivery and analytics
-    /// take this one and the four after it.
+    /// First gRPC port: gateway, contacts, scenario, delivery, analytics and
+    /// admin-bff take this one and the five after it.
     #[arg(long, default_value_t = 50051, env = "HIBIKI_DEV_GRPC_PORT")]
     grpc_port: u16,
     /// First metrics port, assigned in the same order.
@@ -35,7 +35,14 @@ pub struct DevArgs {
     /// api.line.me); its admin API takes the port after it.
     #[arg(long, default_value_t = 8090, env = "HIBIKI_DEV_LINE_SIM_PORT")]
     line_sim_port: u16,
+    /// The operators' dashboard (admin-bff) port.
+    #[arg(long, default_value_t = 8070, env = "HIBIKI_DEV_DASHBOARD_PORT")]
+    dashboard_port: u16,
 }
+
+/// The demo tenant's operator token, when `HIBIKI_OPERATOR_TOKENS` does not
+/// name others: it signs in to the dashboard.
+const DEMO_OPERATOR_TOKEN: &str = "hibiki-dev-demo-operator-token";
 
 /// A service started by `hibiki dev`.
 struct Running {
@@ -109,6 +116,7 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
     running.push(launch::<hibiki_scenario::Application>(args, 2, &line, &shutdown).await?);
     running.push(launch::<hibiki_delivery::Application>(args, 3, &line, &shutdown).await?);
     running.push(launch::<hibiki_analytics::Application>(args, 4, &line, &shutdown).await?);
+    running.push(launch::<hibiki_admin_bff::Application>(args, 5, &line, &shutdown).await?);
 
     println!("hibiki dev: the mesh runs in this process (Ctrl-C stops it)\n");
     println!("  {:<10} {:<24} {:<24}", "service", "gRPC", "metrics");
@@ -124,6 +132,18 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
         "\n  LINE webhooks: http://{}/line/webhook/{{channel_id}}",
         SocketAddr::new(args.host, args.http_port)
     );
+    let dashboard = SocketAddr::new(args.host, args.dashboard_port);
+    match operator_tokens()
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("demo="))
+    {
+        Some(token) => {
+            println!("  dashboard: http://{dashboard}/#tenant={DEMO_TENANT}&token={token}")
+        }
+        None => {
+            println!("  dashboard: http://{dashboard}/ (sign in with a tenant's operator token)")
+        }
+    }
     println!(
         "  line-sim: Messaging API {}   admin {}",
         sim.api_url(),
@@ -319,12 +339,24 @@ async fn launch<S: Service>(
     let grpc = SocketAddr::new(args.host, args.grpc_port + index);
     let metrics = SocketAddr::new(args.host, args.metrics_port + index);
     // Each service finds the others on their dev ports.
+    // The gateway takes LINE's webhooks on the HTTP port; admin-bff serves
+    // the dashboard on its own.
+    let http_port = if S::DEFAULTS.name == hibiki_admin_bff::DEFAULTS.name {
+        args.dashboard_port
+    } else {
+        args.http_port
+    };
     let env = Overlay::new(ProcessEnv)
         .set("HIBIKI_GRPC_ADDR", grpc.to_string())
         .set("HIBIKI_METRICS_ADDR", metrics.to_string())
         .set(
             "HIBIKI_HTTP_ADDR",
-            SocketAddr::new(args.host, args.http_port).to_string(),
+            SocketAddr::new(args.host, http_port).to_string(),
+        )
+        .set("HIBIKI_OPERATOR_TOKENS", operator_tokens())
+        .set(
+            "HIBIKI_ANALYTICS_URL",
+            format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 4)),
         )
         .set(
             "HIBIKI_CONTACTS_URL",
@@ -353,6 +385,14 @@ async fn launch<S: Service>(
         metrics,
         task,
     })
+}
+
+/// `HIBIKI_OPERATOR_TOKENS`, or the demo tenant's token when it is unset.
+fn operator_tokens() -> String {
+    std::env::var("HIBIKI_OPERATOR_TOKENS")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .unwrap_or_else(|| format!("{DEMO_TENANT}={DEMO_OPERATOR_TOKEN}"))
 }
 
 fn postgres_location(config: &PostgresConfig) -> String {

@@ -11,7 +11,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic_health::ServingStatus;
 
-const SERVICES: [&str; 5] = ["gateway", "contacts", "scenario", "delivery", "analytics"];
+const SERVICES: [&str; 6] = [
+    "gateway",
+    "contacts",
+    "scenario",
+    "delivery",
+    "analytics",
+    "admin-bff",
+];
 
 fn hibiki() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hibiki"));
@@ -24,11 +31,12 @@ fn hibiki() -> Command {
 }
 
 #[tokio::test]
-async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own_port() {
+async fn dev_creates_its_database_and_runs_six_services_each_serving_on_its_own_port() {
     let database = TestDatabase::reserve();
-    let grpc_base = free_port_run(5);
-    let metrics_base = free_port_run(5);
+    let grpc_base = free_port_run(6);
+    let metrics_base = free_port_run(6);
     let http_port = free_port();
+    let dashboard_port = free_port();
     let sim_port = free_port_run(2);
     // `hibiki trace collect` receives the mesh's spans.
     let otlp_port = free_port();
@@ -52,6 +60,7 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
         .args(["--line-sim-port", &sim_port.to_string()])
         .args(["--metrics-port", &metrics_base.to_string()])
         .args(["--http-port", &http_port.to_string()])
+        .args(["--dashboard-port", &dashboard_port.to_string()])
         .env("HIBIKI_DATABASE_URL", database.url())
         .env(
             "HIBIKI_OTLP_ENDPOINT",
@@ -106,6 +115,22 @@ async fn dev_creates_its_database_and_runs_five_services_each_serving_on_its_own
             "{metrics} not printed:\n{printed}"
         );
     }
+
+    // The dashboard is served, and its printed link signs in to the demo.
+    let link = format!(
+        "dashboard: http://127.0.0.1:{dashboard_port}/#tenant=demo&token=hibiki-dev-demo-operator-token"
+    );
+    assert!(printed.contains(&link), "{link} not printed:\n{printed}");
+    let mut dash = HttpConnection::new(([127, 0, 0, 1], dashboard_port).into());
+    let (status, text) = dash
+        .post(
+            "/api/session",
+            &[("content-type", "application/json")],
+            br#"{"tenant":"demo","token":"hibiki-dev-demo-operator-token"}"#.to_vec(),
+        )
+        .await
+        .expect("the dashboard answers");
+    assert_eq!(status, 204, "signing in to the demo: {text}");
 
     // The demo channel's webhooks are accepted: the gateway follows the
     // channel contacts registered.
