@@ -6,7 +6,8 @@
 #
 #   docker build --target contacts -t hibiki/contacts:dev .
 #
-# Targets: gateway, contacts, scenario, delivery, analytics, and tools (the
+# Targets: gateway, contacts, scenario, delivery, analytics, admin-bff, and
+# tools (the
 # `hibiki` CLI and line-sim, for operators' pods and test clusters). Each
 # service image runs `hibiki-<service> serve` by default; `migrate` (the
 # Kubernetes init container) and `settings` are its other commands.
@@ -22,11 +23,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
         -p hibiki-gateway -p hibiki-contacts -p hibiki-scenario \
-        -p hibiki-delivery -p hibiki-analytics -p hibiki-cli -p hibiki-line-sim \
+        -p hibiki-delivery -p hibiki-analytics -p hibiki-admin-bff \
+        -p hibiki-cli -p hibiki-line-sim \
  && mkdir -p /out \
  && cp target/release/hibiki-gateway target/release/hibiki-contacts \
        target/release/hibiki-scenario target/release/hibiki-delivery \
-       target/release/hibiki-analytics target/release/hibiki \
+       target/release/hibiki-analytics target/release/hibiki-admin-bff \
+       target/release/hibiki \
        target/release/line-sim /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
@@ -57,6 +60,11 @@ FROM runtime AS analytics
 COPY --from=build /out/hibiki-analytics /usr/local/bin/
 EXPOSE 50055 9105
 ENTRYPOINT ["/usr/local/bin/hibiki-analytics"]
+
+FROM runtime AS admin-bff
+COPY --from=build /out/hibiki-admin-bff /usr/local/bin/
+EXPOSE 8070 50056 9106
+ENTRYPOINT ["/usr/local/bin/hibiki-admin-bff"]
 
 FROM runtime AS tools
 COPY --from=build /out/hibiki /out/line-sim /usr/local/bin/

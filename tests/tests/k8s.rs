@@ -16,7 +16,7 @@
 //!   NetworkPolicy, and only the gateway's webhook port is open to all;
 //! - KEDA's ScaledObjects scale Deployments that exist, no HPA fights them,
 //!   and scenario's triggers cover every event-log shard;
-//! - the dev overlay's five services, started as their binaries with the env
+//! - the dev overlay's six services, started as their binaries with the env
 //!   of their manifests (stores pointed at the local PostgreSQL and Redis,
 //!   listeners moved to free loopback ports, peers' URLs to those ports),
 //!   apply their migrations, report SERVING, serve metrics, and log no
@@ -216,6 +216,9 @@ fn owns_schema(service: &str) -> bool {
             .postgres
             .is_some(),
         "analytics" => <hibiki_analytics::Application as Service>::NEEDS
+            .postgres
+            .is_some(),
+        "admin-bff" => <hibiki_admin_bff::Application as Service>::NEEDS
             .postgres
             .is_some(),
         other => panic!("no hibiki service is called {other}"),
@@ -594,8 +597,15 @@ fn every_overlay_is_hardened_and_matches_what_its_binaries_read() {
         names.sort();
         assert_eq!(
             names,
-            ["analytics", "contacts", "delivery", "gateway", "scenario"],
-            "{overlay}: the five services"
+            [
+                "admin-bff",
+                "analytics",
+                "contacts",
+                "delivery",
+                "gateway",
+                "scenario"
+            ],
+            "{overlay}: the five services and the dashboard"
         );
         for deployment in &hibiki {
             check_hibiki_deployment(overlay, &objects, deployment, &mut settings);
@@ -618,7 +628,7 @@ fn every_overlay_is_hardened_and_matches_what_its_binaries_read() {
             for k in ["HorizontalPodAutoscaler", "PodDisruptionBudget"] {
                 assert_eq!(
                     objects.iter().filter(|o| kind(o) == k).count(),
-                    5,
+                    hibiki.len(),
                     "prod: one {k} each"
                 );
             }
@@ -630,7 +640,14 @@ fn every_overlay_is_hardened_and_matches_what_its_binaries_read() {
 #[test]
 fn the_dockerfile_builds_an_image_for_every_service_the_manifests_run() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("the Dockerfile");
-    for service in ["gateway", "contacts", "scenario", "delivery", "analytics"] {
+    for service in [
+        "gateway",
+        "contacts",
+        "scenario",
+        "delivery",
+        "analytics",
+        "admin-bff",
+    ] {
         assert!(
             dockerfile.contains(&format!("AS {service}\n")),
             "no build target {service}"
@@ -710,7 +727,14 @@ async fn the_dev_overlay_starts_with_its_manifests_env_and_reports_serving() {
     std::fs::create_dir_all(&logs).unwrap();
 
     // Contacts first: the gateway is SERVING only once it has the channels.
-    let order = ["contacts", "delivery", "scenario", "analytics", "gateway"];
+    let order = [
+        "contacts",
+        "delivery",
+        "scenario",
+        "analytics",
+        "gateway",
+        "admin-bff",
+    ];
     let deployment = |service: &str| {
         find(&objects, "Deployment", service)
             .unwrap_or_else(|| panic!("dev: no Deployment {service}"))
@@ -817,14 +841,31 @@ async fn the_dev_overlay_starts_with_its_manifests_env_and_reports_serving() {
             "{}: metrics lack hibiki_serving",
             s.service
         );
-        if let Some(http) = s.http {
-            // The webhook port is the gateway's: an unknown channel is a 404.
-            let mut conn = HttpConnection::new(SocketAddr::from(([127, 0, 0, 1], http)));
-            let (status, _) = conn
-                .post("/line/webhook/no-such-channel", &[], r#"{"events":[]}"#)
-                .await
-                .expect("the webhook port answers");
-            assert_eq!(status, 404, "{}: webhook for an unknown channel", s.service);
+        match (s.service.as_str(), s.http) {
+            ("gateway", Some(http)) => {
+                // The webhook port is the gateway's: an unknown channel is a 404.
+                let mut conn = HttpConnection::new(SocketAddr::from(([127, 0, 0, 1], http)));
+                let (status, _) = conn
+                    .post("/line/webhook/no-such-channel", &[], r#"{"events":[]}"#)
+                    .await
+                    .expect("the webhook port answers");
+                assert_eq!(status, 404, "gateway: webhook for an unknown channel");
+            }
+            ("admin-bff", Some(http)) => {
+                // The dashboard's port: a sign-in with a made-up token is a 401.
+                let mut conn = HttpConnection::new(SocketAddr::from(([127, 0, 0, 1], http)));
+                let (status, _) = conn
+                    .post(
+                        "/api/session",
+                        &[("content-type", "application/json")],
+                        r#"{"tenant":"demo","token":"not-a-token-of-this-mesh"}"#,
+                    )
+                    .await
+                    .expect("the dashboard answers");
+                assert_eq!(status, 401, "admin-bff: sign-in with an unknown token");
+            }
+            (other, Some(_)) => panic!("{other} has an http port the test does not know"),
+            (_, None) => {}
         }
     }
 
