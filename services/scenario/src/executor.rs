@@ -219,6 +219,33 @@ pub fn run_id(tenant_id: &str, scenario_id: &str, event_id: &str) -> String {
     )
 }
 
+/// Consumer batches a log consumer works on at once (see `consume`).
+const PIPELINE: usize = 4;
+
+/// A batch being handled: the (tenant, user) pairs it holds, and its task.
+type InFlight = (
+    std::collections::HashSet<(String, String)>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Which in-flight batches (oldest first) a new batch holding `users` must
+/// wait for: through the newest one that holds one of its users (so each
+/// user's events stay in order), or the oldest when PIPELINE are in flight.
+/// `None`: it starts now.
+fn wait_until<'a>(
+    in_flight: impl ExactSizeIterator<Item = &'a std::collections::HashSet<(String, String)>>,
+    users: &std::collections::HashSet<(String, String)>,
+) -> Option<usize> {
+    let len = in_flight.len();
+    let mut newest_sharing = None;
+    for (k, held) in in_flight.enumerate() {
+        if !held.is_disjoint(users) {
+            newest_sharing = Some(k);
+        }
+    }
+    newest_sharing.or((len >= PIPELINE).then_some(0))
+}
+
 fn user_of(event: &InboundEvent) -> Option<&str> {
     event
         .source
@@ -264,7 +291,12 @@ impl Executor {
     }
 
     async fn consume(self: Arc<Self>, log: EventLog, config: ConsumerConfig, shutdown: Shutdown) {
-        let consumer = Consumer::start(log, config);
+        let consumer = Arc::new(Consumer::start(log, config));
+        // Batches in flight, oldest first, with the users each holds. A
+        // batch starts while earlier ones are still walking (one slow walk
+        // no longer holds up the shard), except behind a batch that holds
+        // one of its users: each user's events stay in order.
+        let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
         loop {
             let batch = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -291,24 +323,56 @@ impl Executor {
                     }
                 })
                 .collect();
-            // Until contacts has taken the batch, nothing else happens: the
-            // batch is retried, then acknowledged.
-            let mut wait = Duration::from_millis(100);
-            while let Err(e) = self.handle(&events).await {
-                if shutdown.is_triggered() {
-                    consumer.stop().await;
-                    return;
+            let users: std::collections::HashSet<(String, String)> = events
+                .iter()
+                .map(|e| {
+                    (
+                        e.tenant_id.clone(),
+                        user_of(e).unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            while in_flight
+                .front()
+                .is_some_and(|(_, task)| task.is_finished())
+            {
+                in_flight.pop_front();
+            }
+            // Behind the batches that hold one of its users, and never more
+            // than PIPELINE batches at once.
+            while let Some(k) = wait_until(in_flight.iter().map(|(held, _)| held), &users) {
+                for (_, task) in in_flight.drain(..=k) {
+                    let _ = task.await;
                 }
-                tracing::warn!(error = %e, "events not applied; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
-            if let Err(e) = consumer.ack(&deliveries).await {
-                // Not acknowledged: they come again, and change nothing twice.
-                tracing::warn!(error = %e, "events not acknowledged");
-            }
+            metrics::gauge!("hibiki_scenario_batches_in_flight").set((in_flight.len() + 1) as f64);
+            let (executor, consumer, stop) = (self.clone(), consumer.clone(), shutdown.clone());
+            let task = tokio::spawn(async move {
+                // Until contacts has taken the batch, nothing else happens
+                // to it: the batch is retried, then acknowledged.
+                let mut wait = Duration::from_millis(100);
+                while let Err(e) = executor.handle(&events).await {
+                    if stop.is_triggered() {
+                        return;
+                    }
+                    tracing::warn!(error = %e, "events not applied; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                if let Err(e) = consumer.ack(&deliveries).await {
+                    // Not acknowledged: they come again, and change nothing twice.
+                    tracing::warn!(error = %e, "events not acknowledged");
+                }
+            });
+            in_flight.push_back((users, task));
         }
-        consumer.stop().await;
+        for (_, task) in in_flight {
+            let _ = task.await;
+        }
+        match Arc::try_unwrap(consumer) {
+            Ok(consumer) => consumer.stop().await,
+            Err(_) => tracing::warn!("event log consumer still shared at shutdown"),
+        }
     }
 
     /// Applies a batch to contacts, then starts and walks the runs it
@@ -1064,5 +1128,35 @@ impl Executor {
             .expect("zones")
             .insert(tenant_id.to_owned(), zone.clone());
         Ok(zone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::{PIPELINE, wait_until};
+
+    fn users(names: &[&str]) -> HashSet<(String, String)> {
+        names
+            .iter()
+            .map(|u| ("acme".to_owned(), (*u).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_waits_only_behind_batches_that_hold_its_users_or_a_full_pipeline() {
+        let in_flight = [users(&["a", "b"]), users(&["c"]), users(&["b", "d"])];
+        // Strangers start at once.
+        assert_eq!(wait_until(in_flight.iter(), &users(&["x", "y"])), None);
+        // b is in the first and the third: through the third.
+        assert_eq!(wait_until(in_flight.iter(), &users(&["b"])), Some(2));
+        assert_eq!(wait_until(in_flight.iter(), &users(&["c", "z"])), Some(1));
+        // Another tenant's "a" is another user.
+        let other: HashSet<(String, String)> = [("globex".to_owned(), "a".to_owned())].into();
+        assert_eq!(wait_until(in_flight.iter(), &other), None);
+        // A full pipeline: the oldest first.
+        let full: Vec<_> = (0..PIPELINE).map(|k| users(&[&k.to_string()])).collect();
+        assert_eq!(wait_until(full.iter(), &users(&["x"])), Some(0));
     }
 }
