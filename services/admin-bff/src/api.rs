@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State as Extract};
@@ -26,12 +26,12 @@ use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
 use hibiki_runtime::config::Secret;
 use hibiki_runtime::grpc::ClientInterceptor;
 use hibiki_runtime::timestamp;
-use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::feed::{Count, Feeds};
+use crate::session::{Session, Sessions};
 
 /// The page and its assets, embedded: nothing to build or deploy beside the
 /// binary.
@@ -60,26 +60,16 @@ pub struct State(Arc<Inner>);
 struct Inner {
     backends: Backends,
     feeds: Feeds,
-    sessions: Mutex<HashMap<String, Session>>,
-    ttl: Duration,
-}
-
-/// A signed-in operator.
-#[derive(Clone)]
-struct Session {
-    tenant: String,
-    token: Secret,
-    expires: Instant,
+    sessions: Sessions,
 }
 
 impl State {
-    /// No session yet.
-    pub fn new(backends: Backends, feeds: Feeds, ttl: Duration) -> Self {
+    /// The handlers' state.
+    pub fn new(backends: Backends, feeds: Feeds, sessions: Sessions) -> Self {
         Self(Arc::new(Inner {
             backends,
             feeds,
-            sessions: Mutex::new(HashMap::new()),
-            ttl,
+            sessions,
         }))
     }
 }
@@ -219,27 +209,10 @@ async fn sign_in(Extract(state): Extract<State>, body: axum::body::Bytes) -> Res
         }
         .into_response();
     }
-    let id: String = {
-        let bytes: [u8; 32] = rand::rng().random();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    };
-    let ttl = state.0.ttl;
-    {
-        let mut sessions = state.0.sessions.lock().expect("never poisoned");
-        let now = Instant::now();
-        sessions.retain(|_, s| s.expires > now);
-        sessions.insert(
-            id.clone(),
-            Session {
-                tenant,
-                token,
-                expires: now + ttl,
-            },
-        );
-    }
+    let value = state.0.sessions.issue(&Session { tenant, token });
     let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        ttl.as_secs()
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        state.0.sessions.ttl().as_secs()
     );
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(
@@ -249,10 +222,8 @@ async fn sign_in(Extract(state): Extract<State>, body: axum::body::Bytes) -> Res
     response
 }
 
-async fn sign_out(Extract(state): Extract<State>, headers: HeaderMap) -> Response {
-    if let Some(id) = session_id(&headers) {
-        state.0.sessions.lock().expect("never poisoned").remove(&id);
-    }
+/// Signs out: the browser drops its cookie.
+async fn sign_out() -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -294,18 +265,16 @@ fn caller(state: &State, headers: &HeaderMap, query: &TenantParam) -> Result<Ses
         return Ok(Session {
             tenant: tenant.to_owned(),
             token: Secret::new(bearer.trim()),
-            expires: Instant::now(),
         });
     }
-    let id = session_id(headers).ok_or_else(|| error(StatusCode::UNAUTHORIZED, "sign in first"))?;
-    let sessions = state.0.sessions.lock().expect("never poisoned");
-    match sessions.get(&id) {
-        Some(s) if s.expires > Instant::now() => Ok(s.clone()),
-        _ => Err(error(
+    let value =
+        session_id(headers).ok_or_else(|| error(StatusCode::UNAUTHORIZED, "sign in first"))?;
+    state.0.sessions.open(&value).ok_or_else(|| {
+        error(
             StatusCode::UNAUTHORIZED,
             "the session has ended: sign in again",
-        )),
-    }
+        )
+    })
 }
 
 /// A segment on the dashboard.

@@ -6,7 +6,8 @@
 //! the tenant and its operator token (`HIBIKI_OPERATOR_TOKENS` of the mesh);
 //! the token travels with every call the BFF makes on the operator's behalf,
 //! so analytics, contacts and scenario themselves keep each operator to its
-//! one tenant. The BFF holds no secret of its own beyond the sessions.
+//! one tenant. Its one secret is the key that signs the session cookies
+//! (`session`).
 //!
 //! HTTP API (JSON errors are `{"error": "..."}`):
 //! - `POST /api/session` `{"tenant", "token"}`: 204 and an HttpOnly session
@@ -25,6 +26,7 @@
 
 pub mod api;
 pub mod feed;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -74,6 +76,10 @@ pub struct Config {
     /// `HIBIKI_DASHBOARD_SESSION_HOURS`: how long a sign-in lasts. Default
     /// 12.
     pub session_ttl: Duration,
+    /// `HIBIKI_DASHBOARD_SESSION_KEY`: signs the session cookies (at least
+    /// 32 characters; the same on every replica). Unset: a key of the
+    /// process's own, fine for one replica.
+    pub session_key: Option<hibiki_runtime::Secret>,
 }
 
 impl Config {
@@ -97,6 +103,15 @@ impl Config {
             session_ttl: Duration::from_secs(
                 3600 * r.positive("HIBIKI_DASHBOARD_SESSION_HOURS", 12)? as u64,
             ),
+            session_key: match r.optional("HIBIKI_DASHBOARD_SESSION_KEY") {
+                Some(k) if k.len() < session::MIN_KEY_LEN => {
+                    return Err(ConfigError::new(
+                        "HIBIKI_DASHBOARD_SESSION_KEY",
+                        format!("must be at least {} characters", session::MIN_KEY_LEN),
+                    ));
+                }
+                other => other.map(hibiki_runtime::Secret::new),
+            },
         })
     }
 }
@@ -151,7 +166,15 @@ impl Service for Application {
             scenario: channel("HIBIKI_SCENARIO_URL", &config.scenario_url)?,
         };
         let feeds = feed::Feeds::new(backends.analytics.clone(), tasks.clone());
-        let router = api::router(api::State::new(backends, feeds, config.session_ttl));
+        if config.session_key.is_none() {
+            tracing::info!(
+                service = "admin-bff",
+                "HIBIKI_DASHBOARD_SESSION_KEY is unset: sign-ins hold for this process only; \
+                 set it (the same on every replica) to run more than one"
+            );
+        }
+        let sessions = session::Sessions::new(config.session_key.as_ref(), config.session_ttl);
+        let router = api::router(api::State::new(backends, feeds, sessions));
         let host = ServiceHost::bind(config.runtime, NEEDS).await?;
         Ok(Self {
             host,
@@ -203,6 +226,7 @@ mod tests {
             ("HIBIKI_HTTP_ADDR", "localhost"),
             ("HIBIKI_ANALYTICS_URL", "analytics:50055"),
             ("HIBIKI_DASHBOARD_SESSION_HOURS", "0"),
+            ("HIBIKI_DASHBOARD_SESSION_KEY", "short"),
         ] {
             let err = Config::from_env(&[(var, bad)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");

@@ -273,8 +273,8 @@ async fn operators_see_their_tenant_only_and_counts_arrive_live() {
         }
     }
 
-    // Signed out: the session no longer opens anything.
-    let (status, _, _) = http(
+    // Signing out drops the browser's cookie.
+    let (status, head, _) = http(
         mesh.dashboard,
         "DELETE",
         "/api/session",
@@ -283,13 +283,30 @@ async fn operators_see_their_tenant_only_and_counts_arrive_live() {
     )
     .await;
     assert_eq!(status, 204);
+    assert!(
+        head.contains("set-cookie: hibiki_session=;") && head.contains("Max-Age=0"),
+        "{head}"
+    );
+
+    // A session cookie whose tenant was changed opens nothing.
+    let value = cookie.trim_start_matches("hibiki_session=");
+    let (_, signature) = value.split_once('.').unwrap();
+    let forged = format!(
+        "hibiki_session={}.{signature}",
+        base64_url(r#"{"t":"globex","k":"x","e":9999999999}"#)
+    );
     let (status, _, _) = http(
         mesh.dashboard,
         "GET",
         "/api/overview",
-        &[("cookie", &cookie)],
+        &[("cookie", &forged)],
         "",
     )
     .await;
     assert_eq!(status, 401);
+}
+
+fn base64_url(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
