@@ -172,27 +172,25 @@ struct SignIn {
     token: String,
 }
 
-async fn sign_in(Extract(state): Extract<State>, body: axum::body::Bytes) -> Response {
+async fn sign_in(
+    Extract(state): Extract<State>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     let Ok(SignIn { tenant, token }) = serde_json::from_slice::<SignIn>(&body) else {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "expected a JSON body {\"tenant\": \"...\", \"token\": \"...\"}",
-        )
-        .into_response();
+        ));
     };
     if tenant.trim().is_empty() || token.trim().is_empty() {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "tenant and token are both required",
-        )
-        .into_response();
+        ));
     }
     let (tenant, token) = (tenant.trim().to_owned(), Secret::new(token.trim()));
     // analytics decides: the token must be one the mesh accepts for the tenant.
-    let client = match authorized(&state.0.backends.analytics, &token) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
+    let client = authorized(&state.0.backends.analytics, &token)?;
     let check = AnalyticsServiceClient::new(client)
         .get_segment_counts(GetSegmentCountsRequest {
             tenant_id: tenant.clone(),
@@ -200,14 +198,13 @@ async fn sign_in(Extract(state): Extract<State>, body: axum::body::Bytes) -> Res
         })
         .await;
     if let Err(status) = check {
-        return match status.code() {
+        return Err(match status.code() {
             tonic::Code::Unauthenticated => error(StatusCode::UNAUTHORIZED, "unknown token"),
             tonic::Code::PermissionDenied => {
                 error(StatusCode::FORBIDDEN, "this token is not for this tenant")
             }
             _ => from_status("analytics", &status),
-        }
-        .into_response();
+        });
     }
     let value = state.0.sessions.issue(&Session { tenant, token });
     let cookie = format!(
@@ -219,7 +216,7 @@ async fn sign_in(Extract(state): Extract<State>, body: axum::body::Bytes) -> Res
         header::SET_COOKIE,
         HeaderValue::from_str(&cookie).expect("an ASCII cookie"),
     );
-    response
+    Ok(response)
 }
 
 /// Signs out: the browser drops its cookie.
@@ -344,15 +341,10 @@ async fn overview(
     Extract(state): Extract<State>,
     headers: HeaderMap,
     Query(query): Query<TenantParam>,
-) -> Response {
-    let session = match caller(&state, &headers, &query) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
-    match build_overview(&state, &session).await {
-        Ok(view) => ([(header::CACHE_CONTROL, "no-store")], Json(view)).into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<Response, ApiError> {
+    let session = caller(&state, &headers, &query)?;
+    let view = build_overview(&state, &session).await?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(view)).into_response())
 }
 
 async fn build_overview(state: &State, session: &Session) -> Result<Overview, ApiError> {
@@ -543,11 +535,8 @@ async fn stream(
     Extract(state): Extract<State>,
     headers: HeaderMap,
     Query(query): Query<TenantParam>,
-) -> Response {
-    let session = match caller(&state, &headers, &query) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let session = caller(&state, &headers, &query)?;
     let feed = state.0.feeds.feed(&session.tenant, &session.token);
     let (now, updates) = feed.subscribe();
     let first = futures::stream::iter(now);
@@ -569,7 +558,7 @@ async fn stream(
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    Ok(response)
 }
 
 #[cfg(test)]
