@@ -60,16 +60,19 @@ pub fn free_port_run(len: u16) -> u16 {
     }
 }
 
-/// A database of its own for one test; dropped (forcibly) when this value is.
+/// A database of its own for one test, and a Redis key prefix to go with it
+/// ([`service_env`] uses it); both dropped (forcibly) when this value is.
 pub struct TestDatabase {
     name: String,
     url: String,
+    keys: RedisKeys,
 }
 
 impl TestDatabase {
     /// Creates `hibiki_test_<random>` on the shared server.
     pub async fn create() -> Self {
-        let name = format!("hibiki_test_{}", random_id());
+        let id = random_id();
+        let name = format!("hibiki_test_{id}");
         let url = format!("{POSTGRES_SERVER}/{name}");
         let config = PostgresConfig {
             url: Secret::new(url.clone()),
@@ -81,15 +84,30 @@ impl TestDatabase {
                  start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
             )
         });
-        Self { name, url }
+        Self::named(&id, name, url)
+    }
+
+    fn named(id: &str, name: String, url: String) -> Self {
+        Self {
+            name,
+            url,
+            keys: RedisKeys::new(DEFAULT_REDIS_URL, &format!("test-{id}")),
+        }
     }
 
     /// A fresh database name that is not created: for code under test that
     /// creates its database itself. Dropped like one created here.
     pub fn reserve() -> Self {
-        let name = format!("hibiki_test_{}", random_id());
+        let id = random_id();
+        let name = format!("hibiki_test_{id}");
         let url = format!("{POSTGRES_SERVER}/{name}");
-        Self { name, url }
+        Self::named(&id, name, url)
+    }
+
+    /// The Redis key prefix of this test (`test-<id>`): its keys in the
+    /// shared Redis are deleted when this value is dropped.
+    pub fn redis_prefix(&self) -> &str {
+        &self.keys.prefix
     }
 
     /// Whether the database exists on the shared server.
@@ -574,8 +592,9 @@ pub async fn stream_fields(redis_url: &str, key: &str, field: &str) -> Vec<Vec<u
 }
 
 /// Settings for a service under test: its own database, the shared Redis
-/// (or `redis_url`), a fresh key prefix, port 0 for every listener, the test
-/// service token and operator tokens for [`OPERATOR_TENANTS`].
+/// (or `redis_url`), the database's key prefix (deleted with it), port 0 for
+/// every listener, the test service token and operator tokens for
+/// [`OPERATOR_TENANTS`].
 pub fn service_env(database: &TestDatabase, redis_url: Option<&str>) -> HashMap<String, String> {
     HashMap::from([
         ("HIBIKI_DATABASE_URL".into(), database.url().to_owned()),
@@ -585,7 +604,7 @@ pub fn service_env(database: &TestDatabase, redis_url: Option<&str>) -> HashMap<
         ),
         (
             "HIBIKI_REDIS_PREFIX".into(),
-            format!("test-{}", random_id()),
+            database.redis_prefix().to_owned(),
         ),
         ("HIBIKI_GRPC_ADDR".into(), "127.0.0.1:0".into()),
         ("HIBIKI_METRICS_ADDR".into(), "127.0.0.1:0".into()),

@@ -23,6 +23,9 @@ const HISTORY: Duration = Duration::from_secs(3600);
 const RESOLUTION_MS: i64 = 1000;
 /// How long a watch waits before trying again after analytics went away.
 const RETRY: Duration = Duration::from_secs(1);
+/// A tenant nobody has looked at for this long stops being watched (its
+/// history goes with it; the next look starts anew).
+const IDLE: Duration = Duration::from_secs(3600);
 
 /// One segment's head count at a moment.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -59,8 +62,10 @@ impl Feeds {
         if let Some(feed) = tenants.get(tenant)
             && !feed.ended()
         {
+            feed.touch();
             return feed.clone();
         }
+        tenants.retain(|_, f| !f.ended());
         let feed = Arc::new(Feed::new());
         tenants.insert(tenant.to_owned(), feed.clone());
         tokio::spawn(watch(
@@ -78,6 +83,7 @@ impl Feeds {
 pub struct Feed {
     updates: broadcast::Sender<Count>,
     state: Mutex<State>,
+    used: Mutex<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -92,7 +98,22 @@ impl Feed {
         Self {
             updates: broadcast::channel(4096).0,
             state: Mutex::new(State::default()),
+            used: Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    fn touch(&self) {
+        *self.used.lock().expect("never poisoned") = std::time::Instant::now();
+    }
+
+    /// Nobody has the stream open, and nobody asked for the tenant lately.
+    fn idle(&self) -> bool {
+        self.idle_at(std::time::Instant::now())
+    }
+
+    fn idle_at(&self, now: std::time::Instant) -> bool {
+        let used = *self.used.lock().expect("never poisoned");
+        self.updates.receiver_count() == 0 && now.saturating_duration_since(used) >= IDLE
     }
 
     fn ended(&self) -> bool {
@@ -101,6 +122,7 @@ impl Feed {
 
     /// The current counts, and every change after them.
     pub fn subscribe(&self) -> (Vec<Count>, broadcast::Receiver<Count>) {
+        self.touch();
         // Under the lock, so that no change falls between the two.
         let state = self.state.lock().expect("never poisoned");
         (
@@ -159,9 +181,14 @@ async fn watch(feed: Arc<Feed>, analytics: Channel, tenant: String, token: Secre
         match client.watch_segment_counts(request).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
+                let mut check = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => return,
+                        _ = check.tick() => if feed.idle() {
+                            feed.end();
+                            return;
+                        },
                         message = stream.message() => match message {
                             Ok(Some(u)) => feed.record(Count {
                                 as_of_ms: u
@@ -226,5 +253,16 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), count(1500, 3));
         feed.record(count(3_600_000 + 1000, 4)); // an hour on: the first goes
         assert_eq!(feed.history()["s"], [(1500, 3), (3_601_000, 4)]);
+    }
+
+    #[test]
+    fn a_feed_is_idle_only_when_nobody_watches_or_asked_for_an_hour() {
+        let feed = Feed::new();
+        let later = std::time::Instant::now() + IDLE + Duration::from_secs(1);
+        assert!(!feed.idle(), "just asked for");
+        let (_, watcher) = feed.subscribe();
+        assert!(!feed.idle_at(later), "a page still has the stream open");
+        drop(watcher);
+        assert!(feed.idle_at(later));
     }
 }

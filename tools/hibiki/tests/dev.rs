@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use hibiki_testkit::{
-    HttpConnection, TestDatabase, free_port, free_port_run, random_id, wait_for_health,
+    HttpConnection, RedisKeys, TestDatabase, free_port, free_port_run, random_id, wait_for_health,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -55,7 +55,11 @@ async fn dev_creates_its_database_and_runs_six_services_each_serving_on_its_own_
     let mut collected = BufReader::new(collector.stdout.take().unwrap()).lines();
     let listening = collected.next_line().await.unwrap().unwrap_or_default();
     assert!(listening.contains("OTLP/gRPC on"), "{listening}");
+    // The mesh's keys go when the test ends.
+    let prefix = format!("test-{}", random_id());
+    let _keys = RedisKeys::new("redis://127.0.0.1:6379", &prefix);
     let mut child = hibiki()
+        .env("HIBIKI_REDIS_PREFIX", &prefix)
         .args(["dev", "--grpc-port", &grpc_base.to_string()])
         .args(["--line-sim-port", &sim_port.to_string()])
         .args(["--metrics-port", &metrics_base.to_string()])
