@@ -38,13 +38,24 @@ pub fn random_id() -> String {
         .collect()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; another process could
-/// take it in between, which on a test machine does not happen in practice).
+/// A free TCP port on 127.0.0.1, bound and released. It is taken below the
+/// kernel's ephemeral range (`net.ipv4.ip_local_port_range`), where no
+/// outgoing connection can take it in between: a port that port 0 hands
+/// out is ephemeral, and the many connections of a test run reused such
+/// ports before the server under test could bind them.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding an ephemeral port")
-        .port()
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let top = ephemeral_from.saturating_sub(16).max(12_000);
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(10_000..top);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A base port with the `len - 1` ports after it free too, for a process
@@ -677,6 +688,17 @@ impl ServiceProcess {
         // Warnings and errors reach the test's output; the rest is noise.
         env.entry("HIBIKI_LOG".into())
             .or_insert_with(|| "warn".into());
+        // The shared test settings name every service's variables; give the
+        // binary only those it reads, so that it has nothing to warn about.
+        let output = Command::new(binary)
+            .arg("settings")
+            .output()
+            .unwrap_or_else(|e| panic!("running {} settings: {e}", binary.display()));
+        let reads: std::collections::HashSet<String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        env.retain(|k, _| !k.starts_with("HIBIKI_") || reads.contains(k));
         let child = Command::new(binary)
             .envs(env)
             .stdout(Stdio::null())
