@@ -430,11 +430,20 @@ where
     }
 }
 
+/// Calls a process has in flight on one channel at most; more wait their
+/// turn in the channel. Half the server's default limit
+/// (`HIBIKI_GRPC_CONCURRENCY`, 1024), so that a storm's caller (scenario
+/// walking thousands of runs at once) queues its calls instead of having
+/// them shed with RESOURCE_EXHAUSTED, and two such callers still fit.
+pub const CLIENT_CONCURRENCY: usize = 512;
+
 /// A channel to another hibiki service at `url` (e.g.
 /// `http://127.0.0.1:50052`). It connects lazily and reconnects by itself,
-/// so a caller starts while the callee is down.
+/// so a caller starts while the callee is down, and keeps at most
+/// [`CLIENT_CONCURRENCY`] calls in flight.
 pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_owned())?
+        .concurrency_limit(CLIENT_CONCURRENCY)
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))

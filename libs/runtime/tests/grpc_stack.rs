@@ -157,6 +157,27 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once() {
 }
 
 #[tokio::test]
+async fn a_channel_queues_calls_beyond_its_own_limit_instead_of_being_shed() {
+    // The server takes exactly as many calls at once as a channel sends.
+    let server = start(grpc::CLIENT_CONCURRENCY, Duration::from_secs(30)).await;
+    let client = ProbeClient::new(&server.url, Some(SERVICE_TOKEN));
+    let calls = grpc::CLIENT_CONCURRENCY + 20;
+    let held: Vec<_> = (0..calls)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.check(HOLD).await })
+        })
+        .collect();
+    // Let the first ones reach the gate, and the rest queue in the channel.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.probe.release(calls);
+    for call in held {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "a call was refused: {answer:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_call_running_past_the_timeout_gets_deadline_exceeded() {
     let server = start(16, Duration::from_millis(200)).await;
     let err = check(&server.url, Some(SERVICE_TOKEN), HOLD)
