@@ -762,13 +762,25 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Forwards a free local port to `target`.
     pub async fn start(target: std::net::SocketAddr) -> Self {
-        let mut proxy = Self {
-            port: free_port(),
-            target,
-            cut: None,
-        };
-        proxy.restore().await;
-        proxy
+        // A port found free can be taken before it is bound again (CI saw
+        // it twice): bind at once, and pick another if it was.
+        for _ in 0..50 {
+            let port = free_port();
+            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(listener) => {
+                    let mut proxy = Self {
+                        port,
+                        target,
+                        cut: None,
+                    };
+                    proxy.forward(listener);
+                    return proxy;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("binding the proxy port {port}: {e}"),
+            }
+        }
+        panic!("no free port for the proxy after 50 tries");
     }
 
     /// The local port.
@@ -789,6 +801,11 @@ impl TcpProxy {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("rebinding the proxy port");
+        self.forward(listener);
+    }
+
+    /// Forwards what `listener` accepts until the next cut.
+    fn forward(&mut self, listener: tokio::net::TcpListener) {
         let token = tokio_util::sync::CancellationToken::new();
         let target = self.target;
         let stop = token.clone();
