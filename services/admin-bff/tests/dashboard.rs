@@ -30,12 +30,36 @@ struct Mesh {
     dashboard: SocketAddr,
     segment: String,
     stops: Vec<Shutdown>,
+    /// analytics' settings (a fixed port) and how to stop it, so that a test
+    /// can restart it where the BFF expects it.
+    analytics_env: HashMap<String, String>,
+    analytics: Option<(
+        Shutdown,
+        tokio::task::JoinHandle<Result<(), hibiki_runtime::HostError>>,
+    )>,
+}
+
+impl Mesh {
+    /// Stops analytics (as a rolling restart would) and starts it again on
+    /// the same port.
+    async fn restart_analytics(&mut self) {
+        let (stop, task) = self.analytics.take().expect("analytics runs");
+        stop.trigger();
+        task.await.expect("no panic").expect("a clean stop");
+        let (url, stop, task) =
+            lifecycle::start::<hibiki_analytics::Application>(&self.analytics_env).await;
+        wait_for_health(&url, ServingStatus::Serving).await;
+        self.analytics = Some((stop, task));
+    }
 }
 
 impl Drop for Mesh {
     fn drop(&mut self) {
         for s in &self.stops {
             s.trigger();
+        }
+        if let Some((stop, _)) = &self.analytics {
+            stop.trigger();
         }
     }
 }
@@ -61,12 +85,12 @@ async fn mesh() -> Mesh {
     )]))
     .await;
     stops.push(stop);
-    let (analytics, stop, _t) = lifecycle::start::<hibiki_analytics::Application>(&with(&[(
-        "HIBIKI_SCENARIO_URL",
-        &scenario,
-    )]))
-    .await;
-    stops.push(stop);
+    let analytics_env = with(&[
+        ("HIBIKI_SCENARIO_URL", &scenario),
+        ("HIBIKI_GRPC_ADDR", &format!("127.0.0.1:{}", free_port())),
+    ]);
+    let (analytics, analytics_stop, analytics_task) =
+        lifecycle::start::<hibiki_analytics::Application>(&analytics_env).await;
     wait_for_health(&analytics, ServingStatus::Serving).await;
     let dashboard = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (bff, stop, _t) = lifecycle::start::<hibiki_admin_bff::Application>(&with(&[
@@ -110,6 +134,67 @@ async fn mesh() -> Mesh {
         dashboard,
         segment,
         stops,
+        analytics_env,
+        analytics: Some((analytics_stop, analytics_task)),
+    }
+}
+
+/// Opens `/api/stream` with `cookie`; returns its lines after the status.
+async fn open_stream(
+    mesh: &Mesh,
+    cookie: &str,
+) -> tokio::io::Lines<BufReader<tokio::net::TcpStream>> {
+    let mut stream = tokio::net::TcpStream::connect(mesh.dashboard)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/stream HTTP/1.1\r\nhost: {}\r\ncookie: {cookie}\r\naccept: text/event-stream\r\n\r\n",
+                mesh.dashboard
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let status = lines.next_line().await.unwrap().unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    lines
+}
+
+/// Tags friend `n` of acme `vip` through contacts.
+async fn tag_vip(mesh: &Mesh, n: u64) {
+    ContactServiceClient::new(authorized(&mesh.contacts, &operator_token("acme")))
+        .add_tags(AddTagsRequest {
+            contact: Some(ContactRef {
+                tenant_id: "acme".into(),
+                line_user_id: format!("U{n:032x}"),
+            }),
+            tags: vec!["vip".into()],
+            idempotency_key: format!("dashboard-test-{n}"),
+        })
+        .await
+        .unwrap();
+}
+
+/// Reads the stream until a count of `want` for `segment`; panics after 20 s.
+async fn until_count(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::TcpStream>>,
+    segment: &str,
+    want: i64,
+) {
+    let needle = format!("\"member_count\":{want}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no count of {want} on the stream within 20 s"))
+            .unwrap()
+            .expect("the stream stays open");
+        if line.starts_with("data:") && line.contains(&needle) && line.contains(segment) {
+            return;
+        }
     }
 }
 
@@ -232,46 +317,9 @@ async fn operators_see_their_tenant_only_and_counts_arrive_live() {
     assert_eq!(segments[0]["id"], mesh.segment.as_str());
 
     // The stream: a friend tagged vip in contacts shows up as a count of 1.
-    let mut stream = tokio::net::TcpStream::connect(mesh.dashboard)
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            format!(
-                "GET /api/stream HTTP/1.1\r\nhost: {}\r\ncookie: {cookie}\r\naccept: text/event-stream\r\n\r\n",
-                mesh.dashboard
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut lines = BufReader::new(stream).lines();
-    let status = lines.next_line().await.unwrap().unwrap();
-    assert!(status.contains(" 200 "), "{status}");
-    ContactServiceClient::new(authorized(&mesh.contacts, &operator_token("acme")))
-        .add_tags(AddTagsRequest {
-            contact: Some(ContactRef {
-                tenant_id: "acme".into(),
-                line_user_id: format!("U{:032x}", 7),
-            }),
-            tags: vec!["vip".into()],
-            idempotency_key: "dashboard-test".into(),
-        })
-        .await
-        .unwrap();
-    let want = "\"member_count\":1";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
-            .await
-            .expect("the count arrives on the stream within 20 s")
-            .unwrap()
-            .expect("the stream stays open");
-        if line.starts_with("data:") && line.contains(want) {
-            assert!(line.contains(&mesh.segment), "{line}");
-            break;
-        }
-    }
+    let mut lines = open_stream(&mesh, &cookie).await;
+    tag_vip(&mesh, 7).await;
+    until_count(&mut lines, &mesh.segment, 1).await;
 
     // Signing out drops the browser's cookie.
     let (status, head, _) = http(
@@ -309,4 +357,21 @@ async fn operators_see_their_tenant_only_and_counts_arrive_live() {
 fn base64_url(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+#[tokio::test]
+async fn the_stream_goes_on_across_a_restart_of_analytics() {
+    let mut mesh = mesh().await;
+    let (status, head, _) = sign_in(&mesh, "acme", &operator_token("acme")).await;
+    assert_eq!(status, 204, "{head}");
+    let cookie = cookie_of(&head);
+    let mut lines = open_stream(&mesh, &cookie).await;
+    tag_vip(&mesh, 1).await;
+    until_count(&mut lines, &mesh.segment, 1).await;
+
+    // analytics goes away and comes back: the page's stream stays open, and
+    // the BFF follows the new analytics.
+    mesh.restart_analytics().await;
+    tag_vip(&mesh, 2).await;
+    until_count(&mut lines, &mesh.segment, 2).await;
 }
