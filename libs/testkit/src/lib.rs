@@ -38,6 +38,12 @@ pub fn random_id() -> String {
         .collect()
 }
 
+/// Ports [`free_port`] and [`free_port_run`] handed out in this process.
+/// Never the same port twice: a port handed out is not bound until its user
+/// binds it, so a second pick could find it free too (the k8s test's
+/// eighteen ports met that once).
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
 /// A free TCP port on 127.0.0.1, bound and released. It is taken below the
 /// kernel's ephemeral range (`net.ipv4.ip_local_port_range`), where no
 /// outgoing connection can take it in between: a port that port 0 hands
@@ -52,7 +58,9 @@ pub fn free_port() -> u16 {
     let mut rng = rand::rng();
     loop {
         let port = rng.random_range(10_000..top);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
@@ -63,9 +71,14 @@ pub fn free_port() -> u16 {
 pub fn free_port_run(len: u16) -> u16 {
     loop {
         let base = free_port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if base <= u16::MAX - len
-            && (0..len).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+            && (1..len).all(|i| {
+                !handed_out.contains(&(base + i))
+                    && TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+            })
         {
+            handed_out.extend((1..len).map(|i| base + i));
             return base;
         }
     }
