@@ -26,9 +26,7 @@ use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{
     ApplyEventsRequest, CreateSegmentRequest, CreateTenantRequest, FollowState, SegmentRule,
 };
-use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, service_env,
-};
+use hibiki_testkit::{SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, service_env};
 
 const TENANT: &str = "bench";
 
@@ -82,7 +80,6 @@ async fn main() {
         Duration::from_secs(args.autovacuum_secs.max(1)),
     );
     let mut env = service_env(&database, None);
-    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());
     let contacts = ServiceProcess::spawn(&release.join("hibiki-contacts"), env.clone());
     hibiki_testkit::wait_for_health(&contacts.url, tonic_health::ServingStatus::Serving).await;

@@ -36,9 +36,7 @@ use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{
     LinkRichMenuRequest, SendRequest, link_rich_menu_request, send_request,
 };
-use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, service_env,
-};
+use hibiki_testkit::{SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, service_env};
 
 const TENANT: &str = "bench";
 
@@ -210,7 +208,6 @@ async fn main() {
 
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
-    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());
     let contacts = ServiceProcess::spawn(&release.join("hibiki-contacts"), env.clone());
     hibiki_testkit::wait_for_health(&contacts.url, tonic_health::ServingStatus::Serving).await;

@@ -39,8 +39,7 @@ use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::EventLog;
 use hibiki_runtime::redis::Redis;
 use hibiki_testkit::{
-    HttpConnection, RedisKeys, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, free_port,
-    service_env,
+    HttpConnection, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, free_port, service_env,
 };
 
 const TENANT: &str = "bench";
@@ -258,7 +257,6 @@ async fn main() {
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
     // Nothing of the run stays in the shared Redis (dropped last).
-    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());
     let contacts = ServiceProcess::spawn(&release.join("hibiki-contacts"), env.clone());
     hibiki_testkit::wait_for_health(&contacts.url, tonic_health::ServingStatus::Serving).await;

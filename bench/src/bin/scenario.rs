@@ -30,8 +30,7 @@ use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
 use hibiki_proto::scenario::v1::scenario_service_client::ScenarioServiceClient;
 use hibiki_proto::scenario::v1::{ApplyRequest, apply_request};
 use hibiki_testkit::{
-    HttpConnection, RedisKeys, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, free_port,
-    service_env,
+    HttpConnection, SERVICE_TOKEN, ServiceProcess, TestDatabase, authorized, free_port, service_env,
 };
 
 const TENANT: &str = "bench";
@@ -91,7 +90,6 @@ async fn main() {
         Duration::from_secs(args.autovacuum_secs.max(1)),
     );
     let mut env = service_env(&database, None);
-    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     env.insert("HIBIKI_LOG".into(), "error".into());
     // Settings given to the bench reach the services (e.g.
     // HIBIKI_SCENARIO_CONSUMERS, HIBIKI_DATABASE_MAX_CONNECTIONS).

@@ -161,17 +161,36 @@ async fn a_channel_queues_calls_beyond_its_own_limit_instead_of_being_shed() {
     // The server takes exactly as many calls at once as a channel sends.
     let server = start(grpc::CLIENT_CONCURRENCY, Duration::from_secs(30)).await;
     let client = ProbeClient::new(&server.url, Some(SERVICE_TOKEN));
-    let calls = grpc::CLIENT_CONCURRENCY + 20;
-    let held: Vec<_> = (0..calls)
-        .map(|_| {
-            let mut client = client.clone();
-            tokio::spawn(async move { client.check(HOLD).await })
-        })
+    let hold = |client: &ProbeClient| {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.check(HOLD).await })
+    };
+    // The channel's worth of calls fills the server.
+    let first: Vec<_> = (0..grpc::CLIENT_CONCURRENCY)
+        .map(|_| hold(&client))
         .collect();
-    // Let the first ones reach the gate, and the rest queue in the channel.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    server.probe.release(calls);
-    for call in held {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.probe.held() < grpc::CLIENT_CONCURRENCY {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} held",
+            server.probe.held()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // More calls on the same channel: a full server would shed them at once;
+    // the channel keeps them until a slot frees.
+    let mut more: Vec<_> = (0..20).map(|_| hold(&client)).collect();
+    let early = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::future::select_all(more.iter_mut()),
+    )
+    .await;
+    if let Ok((answer, _, _)) = early {
+        panic!("a call beyond the channel's limit came back before any slot freed: {answer:?}");
+    }
+    server.probe.release(grpc::CLIENT_CONCURRENCY + 20);
+    for call in first.into_iter().chain(more) {
         let answer = call.await.unwrap();
         assert!(answer.is_ok(), "a call was refused: {answer:?}");
     }

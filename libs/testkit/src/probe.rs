@@ -32,6 +32,7 @@ pub const HOLD: &str = "hold";
 #[derive(Clone)]
 pub struct Probe {
     gate: Arc<Semaphore>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
     authorize: bool,
 }
 
@@ -41,6 +42,7 @@ impl Probe {
     pub fn new() -> Self {
         Self {
             gate: Arc::new(Semaphore::new(0)),
+            held: Arc::default(),
             authorize: true,
         }
     }
@@ -58,6 +60,11 @@ impl Probe {
     pub fn release(&self, n: usize) {
         self.gate.add_permits(n);
     }
+
+    /// Calls waiting at the gate now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Default for Probe {
@@ -72,6 +79,7 @@ impl NamedService for Probe {
 
 struct Check {
     gate: Arc<Semaphore>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
     authorize: bool,
 }
 
@@ -80,14 +88,17 @@ impl tonic::server::UnaryService<TenantRef> for Check {
     type Future = Pin<Box<dyn Future<Output = Result<Response<TenantRef>, Status>> + Send>>;
 
     fn call(&mut self, request: Request<TenantRef>) -> Self::Future {
-        let gate = self.gate.clone();
+        let (gate, held) = (self.gate.clone(), self.held.clone());
         let authorize = self.authorize;
         Box::pin(async move {
             if authorize {
                 Caller::of(&request)?.authorize_tenant(&request.get_ref().tenant_id)?;
             }
             if request.get_ref().tenant_id == HOLD {
+                use std::sync::atomic::Ordering::SeqCst;
+                held.fetch_add(1, SeqCst);
                 let _permit = gate.acquire().await.expect("the gate is never closed");
+                held.fetch_sub(1, SeqCst);
             }
             Ok(Response::new(request.into_inner()))
         })
@@ -106,6 +117,7 @@ impl tower::Service<http::Request<Body>> for Probe {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let check = Check {
             gate: self.gate.clone(),
+            held: self.held.clone(),
             authorize: self.authorize,
         };
         Box::pin(async move {

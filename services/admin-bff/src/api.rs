@@ -229,7 +229,7 @@ async fn sign_out() -> Response {
     response
 }
 
-fn session_id(headers: &HeaderMap) -> Option<String> {
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -265,7 +265,7 @@ fn caller(state: &State, headers: &HeaderMap, query: &TenantParam) -> Result<Ses
         });
     }
     let value =
-        session_id(headers).ok_or_else(|| error(StatusCode::UNAUTHORIZED, "sign in first"))?;
+        session_cookie(headers).ok_or_else(|| error(StatusCode::UNAUTHORIZED, "sign in first"))?;
     state.0.sessions.open(&value).ok_or_else(|| {
         error(
             StatusCode::UNAUTHORIZED,
@@ -590,7 +590,7 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("theme=dark; hibiki_session=abc123; lang=ja"),
         );
-        assert_eq!(session_id(&headers).as_deref(), Some("abc123"));
-        assert_eq!(session_id(&HeaderMap::new()), None);
+        assert_eq!(session_cookie(&headers).as_deref(), Some("abc123"));
+        assert_eq!(session_cookie(&HeaderMap::new()), None);
     }
 }

@@ -17,15 +17,14 @@ use hibiki_proto::contacts::v1::{
 };
 use hibiki_runtime::Shutdown;
 use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, free_port, lifecycle, operator_token,
-    service_env, wait_for_health,
+    SERVICE_TOKEN, TestDatabase, authorized, free_port, lifecycle, operator_token, service_env,
+    wait_for_health,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic_health::ServingStatus;
 
 struct Mesh {
     _database: TestDatabase,
-    _keys: RedisKeys,
     contacts: String,
     dashboard: SocketAddr,
     segment: String,
@@ -67,7 +66,6 @@ impl Drop for Mesh {
 async fn mesh() -> Mesh {
     let database = TestDatabase::create().await;
     let env = service_env(&database, None);
-    let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     let mut stops = Vec::new();
     let (contacts, stop, _t) = lifecycle::start::<hibiki_contacts::Application>(&env).await;
     stops.push(stop);
@@ -129,7 +127,6 @@ async fn mesh() -> Mesh {
         .segment_id;
     Mesh {
         _database: database,
-        _keys: keys,
         contacts,
         dashboard,
         segment,

@@ -27,7 +27,7 @@ use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::{Event, EventLog, EventLogConfig};
 use hibiki_runtime::redis::{Redis, redis};
 use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
+    SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
 };
 use prost::Message;
 use tonic::Code;
@@ -42,7 +42,6 @@ type Channel = tonic::service::interceptor::InterceptedService<
 
 struct Mesh {
     _database: TestDatabase,
-    _keys: RedisKeys,
     env: HashMap<String, String>,
     contacts: String,
     analytics: String,
@@ -61,7 +60,6 @@ impl Drop for Mesh {
 async fn mesh() -> Mesh {
     let database = TestDatabase::create().await;
     let env = service_env(&database, None);
-    let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     let (contacts, stop_contacts, _t) =
         lifecycle::start::<hibiki_contacts::Application>(&env).await;
     wait_for_health(&contacts, ServingStatus::Serving).await;
@@ -82,7 +80,6 @@ async fn mesh() -> Mesh {
     .unwrap();
     let mut mesh = Mesh {
         _database: database,
-        _keys: keys,
         env,
         contacts,
         analytics: String::new(),

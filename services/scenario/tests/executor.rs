@@ -25,7 +25,7 @@ use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::{Event, EventLog};
 use hibiki_runtime::redis::Redis;
 use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
+    SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
 };
 use prost::Message;
 use tonic_health::ServingStatus;
@@ -39,7 +39,6 @@ fn user(n: u64) -> String {
 struct Mesh {
     database: TestDatabase,
     env: HashMap<String, String>,
-    _keys: RedisKeys,
     sim: LineSim,
     log: EventLog,
     contacts: String,
@@ -64,7 +63,6 @@ async fn mesh() -> Mesh {
 async fn mesh_with(in_process: bool) -> Mesh {
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
-    let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     let (contacts, stop_contacts, _t) =
         lifecycle::start::<hibiki_contacts::Application>(&env).await;
     wait_for_health(&contacts, ServingStatus::Serving).await;
@@ -135,7 +133,6 @@ async fn mesh_with(in_process: bool) -> Mesh {
     Mesh {
         database,
         env,
-        _keys: keys,
         sim,
         log,
         contacts,

@@ -24,8 +24,8 @@ use hibiki_proto::scenario::v1::{ApplyRequest, apply_request};
 use hibiki_runtime::Shutdown;
 use hibiki_runtime::app::Service;
 use hibiki_testkit::{
-    HttpConnection, RedisCluster, RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, free_port,
-    lifecycle, service_env, wait_for_health,
+    HttpConnection, RedisCluster, SERVICE_TOKEN, TestDatabase, authorized, free_port, lifecycle,
+    service_env, wait_for_health,
 };
 use tonic_health::ServingStatus;
 
@@ -81,7 +81,6 @@ impl Drop for Killable {
 
 pub struct Mesh {
     pub _database: TestDatabase,
-    pub _keys: RedisKeys,
     pub env: HashMap<String, String>,
     pub sim: LineSim,
     pub menu: String,
@@ -110,7 +109,6 @@ pub async fn mesh() -> Mesh {
 pub async fn mesh_on(cluster: Option<&RedisCluster>) -> Mesh {
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
-    let keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     if let Some(cluster) = cluster {
         env.extend(cluster.settings());
     }
@@ -201,7 +199,6 @@ pub async fn mesh_on(cluster: Option<&RedisCluster>) -> Mesh {
     wait_for_health(&gateway, ServingStatus::Serving).await;
     Mesh {
         _database: database,
-        _keys: keys,
         env,
         sim,
         menu,

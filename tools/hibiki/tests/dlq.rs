@@ -11,14 +11,13 @@ use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
 use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{GetJobRequest, JobStatus, SendRequest, send_request};
-use hibiki_testkit::{RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env};
+use hibiki_testkit::{SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env};
 use tonic_health::ServingStatus;
 
 #[tokio::test]
 async fn dlq_lists_a_dead_letter_and_replays_it() {
     let database = TestDatabase::create().await;
     let mut env = service_env(&database, None);
-    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     let (contacts, stop_contacts, _task) =
         lifecycle::start::<hibiki_contacts::Application>(&env).await;
     hibiki_testkit::wait_for_health(&contacts, ServingStatus::Serving).await;

@@ -16,7 +16,7 @@ use hibiki_proto::contacts::v1::{
     AddTagsRequest, CreateSegmentRequest, CreateTenantRequest, HasTag, SegmentRule,
 };
 use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, operator_token, service_env,
+    SERVICE_TOKEN, TestDatabase, authorized, lifecycle, operator_token, service_env,
     wait_for_health,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -41,7 +41,6 @@ async fn tag(contacts: &str, n: u64) {
 async fn stats_prints_the_counts_and_watch_follows_them() {
     let database = TestDatabase::create().await;
     let env = service_env(&database, None);
-    let _keys = RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]);
     let (contacts, _stop_contacts, _t) =
         lifecycle::start::<hibiki_contacts::Application>(&env).await;
     wait_for_health(&contacts, ServingStatus::Serving).await;

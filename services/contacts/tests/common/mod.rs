@@ -15,7 +15,7 @@ use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
 use hibiki_runtime::Shutdown;
 use hibiki_runtime::grpc::ClientInterceptor;
 use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, operator_token, service_env,
+    SERVICE_TOKEN, TestDatabase, authorized, lifecycle, operator_token, service_env,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -27,7 +27,6 @@ pub struct Contacts {
     pub shutdown: Shutdown,
     pub env: HashMap<String, String>,
     pub database: TestDatabase,
-    _keys: RedisKeys,
 }
 
 impl Drop for Contacts {
@@ -53,7 +52,6 @@ impl Contacts {
         Self {
             url,
             shutdown,
-            _keys: RedisKeys::new(&env["HIBIKI_REDIS_URL"], &env["HIBIKI_REDIS_PREFIX"]),
             env,
             database,
         }

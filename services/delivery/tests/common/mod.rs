@@ -14,7 +14,7 @@ use hibiki_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
 use hibiki_proto::delivery::v1::{GetJobRequest, Job, JobStatus, SendRequest, send_request};
 use hibiki_runtime::Shutdown;
 use hibiki_testkit::{
-    RedisKeys, SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
+    SERVICE_TOKEN, TestDatabase, authorized, lifecycle, service_env, wait_for_health,
 };
 use tonic_health::ServingStatus;
 
@@ -43,7 +43,6 @@ pub fn text(t: &str) -> String {
 pub struct Mesh {
     _database: TestDatabase,
     pub contacts: String,
-    _keys: RedisKeys,
     contacts_stop: Shutdown,
     pub sim: LineSim,
     pub env: HashMap<String, String>,
@@ -54,7 +53,6 @@ impl Mesh {
     pub async fn start(sim_config: SimConfig, settings: &[(&str, &str)]) -> Self {
         let database = TestDatabase::create().await;
         let base = service_env(&database, None);
-        let keys = RedisKeys::new(&base["HIBIKI_REDIS_URL"], &base["HIBIKI_REDIS_PREFIX"]);
         let (contacts, contacts_stop, _task) =
             lifecycle::start::<hibiki_contacts::Application>(&base).await;
         wait_for_health(&contacts, ServingStatus::Serving).await;
@@ -112,7 +110,6 @@ impl Mesh {
         Self {
             _database: database,
             contacts,
-            _keys: keys,
             contacts_stop,
             sim,
             env,
