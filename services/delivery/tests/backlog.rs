@@ -31,13 +31,15 @@ async fn until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn the_backlog_gauge_counts_the_calls_waiting_and_returns_to_zero() {
-    // 100 pushes a second on both sides: 300 pushes wait about 3 s.
+    // 50 pushes a second on both sides: 300 pushes wait about 6 s. They are
+    // queued all at once, so the queue grows however slowly this machine
+    // submits them.
     let mut sim = SimConfig::default();
-    sim.limits.insert(Endpoint::Push, Limit::per_second(100));
+    sim.limits.insert(Endpoint::Push, Limit::per_second(50));
     let mesh = Mesh::start(
         sim,
         &[
-            ("HIBIKI_DELIVERY_LIMITS", "push=100/s"),
+            ("HIBIKI_DELIVERY_LIMITS", "push=50/s"),
             ("HIBIKI_DELIVERY_COALESCE_MS", "0"),
         ],
     )
@@ -45,31 +47,37 @@ async fn the_backlog_gauge_counts_the_calls_waiting_and_returns_to_zero() {
     .with_delivery()
     .await;
     let mut client = mesh.client();
-    let mut last = String::new();
+    let mut queued = tokio::task::JoinSet::new();
     for n in 0..300 {
-        last = client
-            .send(push(
-                ACME,
-                ACME_CHANNEL,
-                &format!("b{n}"),
-                &user(n),
-                &format!("offer {n}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id;
+        let mut client = client.clone();
+        queued.spawn(async move {
+            client
+                .send(push(
+                    ACME,
+                    ACME_CHANNEL,
+                    &format!("b{n}"),
+                    &user(n),
+                    &format!("offer {n}"),
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .job_id
+        });
     }
+    let jobs = queued.join_all().await;
     until("a backlog is reported", Duration::from_secs(5), || {
-        backlog("rt").is_some_and(|b| b >= 50.0)
+        backlog("rt").is_some_and(|b| b >= 100.0)
     })
     .await;
     assert!(
         backlog("rt").unwrap() <= 300.0,
         "never more than was queued"
     );
-    let done = finished(&mut client, ACME, &last, Duration::from_secs(30)).await;
-    assert_eq!(done.status(), JobStatus::Succeeded);
+    for job in &jobs {
+        let done = finished(&mut client, ACME, job, Duration::from_secs(30)).await;
+        assert_eq!(done.status(), JobStatus::Succeeded, "{job}");
+    }
     until("the backlog falls to zero", Duration::from_secs(5), || {
         backlog("rt") == Some(0.0)
     })
