@@ -9,7 +9,7 @@
 //! | `<p>:dq:{ch}:q:<class>:merged` | calls coalesced from the ready queue (same group), read first |
 //! | `<p>:dq:{ch}:q:<class>:delayed` | retries and held sends: a sorted set of `QueuedCall`s by due time (ms) |
 //! | `<p>:dq:{ch}:q:<class>:lease` | the worker that owns the queue now (a lease, renewed while it works) |
-//! | `<p>:dq:{ch}:job:<job>` | a job's progress (hash), `…:ids` its LINE request ids (list, last 100) |
+//! | `<p>:dq:{ch}:job:<job>` | a job's progress (hash), with its last 100 LINE request ids |
 //! | `<p>:dq:{ch}:idem:<tenant>:<key>` | idempotency key → job id |
 //! | `<p>:dq:{ch}:rl:<endpoint>`, `…:pause:<endpoint>` | the shared rate limit (GCRA) and a 429 pause |
 //! | `<p>:dq:active` | the queues with work (`<channel>\|<class>`), which workers look for |
@@ -121,10 +121,6 @@ impl Keys {
         self.channel(channel_id, &format!("job:{job_id}"))
     }
 
-    pub fn job_ids(&self, channel_id: &str, job_id: &str) -> String {
-        self.channel(channel_id, &format!("job:{job_id}:ids"))
-    }
-
     pub fn idem(&self, channel_id: &str, tenant_id: &str, key: &str) -> String {
         self.channel(channel_id, &format!("idem:{tenant_id}:{key}"))
     }
@@ -178,49 +174,61 @@ return {1, ARGV[1]}
 
 /// Coalesces calls: adds the merged call to the merged stream and removes
 /// its sources from the ready queue, at once. KEYS: stream, merged stream.
-/// ARGV: merged call, then the sources' entry ids.
+/// ARGV: merged call, then the sources' entry ids (at most 500: one XACK
+/// and one XDEL take them all).
 pub static MERGE: Script = Script::new(
     r#"
 redis.call('XADD', KEYS[2], '*', 'c', ARGV[1])
-for i = 2, #ARGV do
-  redis.call('XACK', KEYS[1], 'delivery', ARGV[i])
-  redis.call('XDEL', KEYS[1], ARGV[i])
-end
+redis.call('XACK', KEYS[1], 'delivery', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 return 1
 "#,
 );
 
-/// Settles one call. KEYS: stream, delayed, then per part its job hash and
-/// its request-id list. ARGV: entry id, mode (`ok`, `dead`, `delay`),
-/// delay ms, the call as it goes back (for `delay`), LINE request id,
-/// error, ttl ms, whether this counts as an attempt (1/0), then per part its
-/// recipients. `ok` and `dead` add the recipients to the jobs' succeeded or
-/// failed; `delay` puts the call in the delayed set; every mode removes the
-/// entry from the ready queue.
+/// Settles one call. KEYS: stream, delayed, then per part its job hash.
+/// ARGV: entry id, mode (`ok`, `dead`, `delay`), delay ms, the call as it
+/// goes back (for `delay`), LINE request id, error, whether this counts as
+/// an attempt (1/0), then per part its recipients. `ok` and `dead` add the
+/// recipients to the jobs' succeeded or failed; `delay` puts the call in
+/// the delayed set; every mode removes the entry from the ready queue.
+///
+/// A job's LINE request ids are its field `rids` (space-separated, the last
+/// 100, counted in `rid_n`). Each part costs one read and one write of its
+/// job: a bulk link settles 500 jobs.
 pub static SETTLE: Script = Script::new(
     r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local mode = ARGV[2]
-local parts = (#KEYS - 2) / 2
-for i = 1, parts do
-  local job = KEYS[2 + 2 * i - 1]
-  local ids = KEYS[2 + 2 * i]
-  if redis.call('EXISTS', job) == 1 then
-    local n = tonumber(ARGV[8 + i])
-    if mode == 'ok' then redis.call('HINCRBY', job, 'succeeded', n) end
-    if mode == 'dead' then redis.call('HINCRBY', job, 'failed', n) end
-    if ARGV[8] == '1' then redis.call('HINCRBY', job, 'attempts', 1) end
-    if ARGV[6] ~= '' then
-      redis.call('HSET', job, 'updated', now, 'last_error', ARGV[6])
-    else
-      redis.call('HSET', job, 'updated', now)
+local rid = ARGV[5]
+local err = ARGV[6]
+for i = 3, #KEYS do
+  local job = KEYS[i]
+  local f = redis.call('HMGET', job, 'tenant', 'succeeded', 'failed', 'attempts', 'rids', 'rid_n')
+  if f[1] then
+    local n = tonumber(ARGV[7 + i - 2])
+    local set = {'updated', now}
+    if mode == 'ok' then
+      set[#set + 1] = 'succeeded'; set[#set + 1] = (tonumber(f[2]) or 0) + n
+    elseif mode == 'dead' then
+      set[#set + 1] = 'failed'; set[#set + 1] = (tonumber(f[3]) or 0) + n
     end
-    if ARGV[5] ~= '' then
-      local len = redis.call('RPUSH', ids, ARGV[5])
-      if len == 1 then redis.call('PEXPIRE', ids, ARGV[7]) end
-      if len > 100 then redis.call('LTRIM', ids, -100, -1) end
+    if ARGV[7] == '1' then
+      set[#set + 1] = 'attempts'; set[#set + 1] = (tonumber(f[4]) or 0) + 1
     end
+    if err ~= '' then set[#set + 1] = 'last_error'; set[#set + 1] = err end
+    if rid ~= '' then
+      local rids, count = f[5], tonumber(f[6]) or 0
+      if rids and rids ~= '' then rids = rids .. ' ' .. rid else rids = rid end
+      count = count + 1
+      if count > 100 then
+        rids = string.sub(rids, string.find(rids, ' ', 1, true) + 1)
+        count = 100
+      end
+      set[#set + 1] = 'rids'; set[#set + 1] = rids
+      set[#set + 1] = 'rid_n'; set[#set + 1] = count
+    end
+    redis.call('HSET', job, unpack(set))
   end
 end
 if mode == 'delay' then

@@ -178,15 +178,11 @@ impl Delivery {
     async fn job(&self, tenant_id: &str, job_id: &str) -> Result<Job> {
         let not_found = || Error::NotFound(format!("job {job_id:?} of tenant {tenant_id:?}"));
         let channel_id = keys::channel_of_job(job_id).ok_or_else(not_found)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL")
-            .arg(self.keys.job(channel_id, job_id))
-            .cmd("LRANGE")
-            .arg(self.keys.job_ids(channel_id, job_id))
-            .arg(0)
-            .arg(-1);
-        let (fields, ids): (HashMap<String, String>, Vec<String>) =
-            self.keys.redis().pipeline(&pipe).await?;
+        let fields: HashMap<String, String> = self
+            .keys
+            .redis()
+            .command(redis::cmd("HGETALL").arg(self.keys.job(channel_id, job_id)))
+            .await?;
         if fields.get("tenant").map(String::as_str) != Some(tenant_id) {
             return Err(not_found());
         }
@@ -226,7 +222,10 @@ impl Delivery {
             recipients_succeeded: succeeded,
             recipients_failed: failed,
             attempts,
-            line_request_ids: ids,
+            line_request_ids: fields
+                .get("rids")
+                .map(|r| r.split(' ').map(str::to_owned).collect())
+                .unwrap_or_default(),
             last_error: fields.get("last_error").cloned().unwrap_or_default(),
             created_at: at("created"),
             updated_at: at("updated"),

@@ -1060,7 +1060,6 @@ async fn settle(
     let mut keys: Vec<String> = vec![at.from.clone(), ctx.keys.delayed(q)];
     for p in &call.parts {
         keys.push(ctx.keys.job(&call.channel_id, &p.job_id));
-        keys.push(ctx.keys.job_ids(&call.channel_id, &p.job_id));
     }
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let (mode, delay, back, attempt) = match &how {
@@ -1078,7 +1077,6 @@ async fn settle(
         ),
     };
     let delay = delay.to_string();
-    let ttl = ctx.config.job_ttl.as_millis().to_string();
     let counts: Vec<String> = call
         .parts
         .iter()
@@ -1096,7 +1094,6 @@ async fn settle(
         &back,
         request_id.as_bytes(),
         error.as_bytes(),
-        ttl.as_bytes(),
         if attempt { b"1" } else { b"0" },
     ];
     args.extend(counts.iter().map(|c| c.as_bytes()));
@@ -1119,35 +1116,61 @@ async fn settle(
     }
 }
 
-/// Publishes each part's outcome for analytics (best effort: an outcome
-/// lost here loses a counter, never a message).
+/// Publishes the call's outcome for analytics: one record per LINE call,
+/// with the recipients it covered (best effort: an outcome lost here loses
+/// a counter, never a message).
 async fn publish(ctx: &Ctx, call: &QueuedCall, endpoint: Endpoint, outcome: DeliveryOutcome) {
-    let mut pipe = redis::pipe();
-    let at = timestamp::to_proto(chrono::Utc::now());
-    for p in &call.parts {
-        let record = DeliveryOutcomeRecord {
-            tenant_id: call.tenant_id.clone(),
-            channel_id: call.channel_id.clone(),
-            job_id: p.job_id.clone(),
-            endpoint: endpoint.name().to_owned(),
-            outcome: outcome as i32,
-            recipients: p.user_ids.len().max(1) as i64,
-            at: Some(at),
-            outcome_id: format!("{}:{}:{}", p.job_id, call.attempts.len(), outcome as i32),
-            trace: call.trace.clone(),
-        };
-        pipe.cmd("XADD")
-            .arg(ctx.keys.outcomes())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(1_000_000)
-            .arg("*")
-            .arg("o")
-            .arg(record.encode_to_vec())
-            .ignore();
-    }
-    if let Err(e) = ctx.keys.redis().pipeline::<()>(&pipe).await {
+    let record = outcome_record(call, endpoint, outcome, chrono::Utc::now());
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(ctx.keys.outcomes())
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(1_000_000)
+        .arg("*")
+        .arg("o")
+        .arg(record.encode_to_vec());
+    if let Err(e) = ctx.keys.redis().command::<()>(&xadd).await {
         tracing::debug!(error = %e, "delivery outcome not published");
+    }
+}
+
+/// The record of one call's outcome. Its job is the call's one job, or
+/// empty for a call coalesced from several; its id is the same for the
+/// same call, attempt and outcome, so that analytics counts it once.
+fn outcome_record(
+    call: &QueuedCall,
+    endpoint: Endpoint,
+    outcome: DeliveryOutcome,
+    at: chrono::DateTime<chrono::Utc>,
+) -> DeliveryOutcomeRecord {
+    let job_id = match call.parts.as_slice() {
+        [first, rest @ ..] if rest.iter().all(|p| p.job_id == first.job_id) => first.job_id.clone(),
+        _ => String::new(),
+    };
+    let part_keys: Vec<&str> = call.parts.iter().map(|p| p.retry_key.as_str()).collect();
+    let call_key = match part_keys.as_slice() {
+        [one] => (*one).to_owned(),
+        many => keys::merged_retry_key(many),
+    };
+    DeliveryOutcomeRecord {
+        tenant_id: call.tenant_id.clone(),
+        channel_id: call.channel_id.clone(),
+        job_id,
+        endpoint: endpoint.name().to_owned(),
+        outcome: outcome as i32,
+        recipients: call
+            .parts
+            .iter()
+            .map(|p| p.user_ids.len().max(1) as i64)
+            .sum(),
+        at: Some(timestamp::to_proto(at)),
+        outcome_id: format!(
+            "{}:{call_key}:{}:{}",
+            endpoint.name(),
+            call.attempts.len(),
+            outcome as i32
+        ),
+        trace: call.trace.clone(),
     }
 }
 
@@ -1251,6 +1274,58 @@ mod tests {
         let batch = vec![(id, tried), (id2, replayed), push("c", &user(3), "hello")];
         let actions = coalesce(batch, 500);
         assert!(actions.iter().all(|a| matches!(a, Action::Send(..))));
+    }
+
+    #[test]
+    fn a_call_has_one_outcome_with_all_its_recipients() {
+        let at = chrono::Utc::now();
+        let single = push("a", &user(1), "hi").1;
+        let one = outcome_record(&single, Endpoint::Push, DeliveryOutcome::Accepted, at);
+        assert_eq!((one.job_id.as_str(), one.recipients), ("a", 1));
+
+        let reads: Vec<Read> = (0..3)
+            .map(|n| push(&format!("j{n}"), &user(n), "hi"))
+            .collect();
+        let Action::Merge(_, multicast) = merged(reads) else {
+            panic!("pushes merge")
+        };
+        let m = outcome_record(
+            &multicast,
+            Endpoint::Multicast,
+            DeliveryOutcome::Accepted,
+            at,
+        );
+        assert_eq!((m.job_id.as_str(), m.recipients), ("", 3));
+        // The same call and attempt always has the same id; another
+        // attempt, outcome, endpoint or set of parts has another.
+        assert_eq!(
+            m.outcome_id,
+            outcome_record(
+                &multicast,
+                Endpoint::Multicast,
+                DeliveryOutcome::Accepted,
+                at
+            )
+            .outcome_id
+        );
+        let ids: std::collections::HashSet<String> = [
+            m.outcome_id.clone(),
+            one.outcome_id.clone(),
+            outcome_record(&single, Endpoint::Reply, DeliveryOutcome::Accepted, at).outcome_id,
+            outcome_record(&single, Endpoint::Push, DeliveryOutcome::Retrying, at).outcome_id,
+            outcome_record(
+                &QueuedCall {
+                    attempts: vec![Attempt::default()],
+                    ..single.clone()
+                },
+                Endpoint::Push,
+                DeliveryOutcome::Accepted,
+                at,
+            )
+            .outcome_id,
+        ]
+        .into();
+        assert_eq!(ids.len(), 5, "{ids:?}");
     }
 
     #[test]

@@ -444,7 +444,7 @@ async fn links_to_one_menu_leave_as_bulk_links_and_each_user_is_linked_once() {
                     .await
                     .unwrap()
                     .into_inner();
-                ids.push(job.job_id);
+                ids.push((user(n), job.job_id));
             }
             ids
         }));
@@ -452,11 +452,22 @@ async fn links_to_one_menu_leave_as_bulk_links_and_each_user_is_linked_once() {
     for t in tasks {
         jobs.extend(t.await.unwrap());
     }
-    for id in &jobs {
-        let done = finished(&mut client, ACME, id, Duration::from_secs(30)).await;
-        assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    let mut done = Vec::new();
+    for (u, id) in &jobs {
+        let job = finished(&mut client, ACME, id, Duration::from_secs(30)).await;
+        assert_eq!(job.status(), JobStatus::Succeeded, "{job:?}");
+        assert_eq!((job.attempts, job.recipients_succeeded), (1, 1), "{job:?}");
+        done.push((u, job));
     }
     let changes = mesh.sim.sim().lock().menu_changes.clone();
+    // Each job names the LINE request that linked its user.
+    let request_of: HashMap<&str, &str> = changes
+        .iter()
+        .map(|c| (c.user_id.as_str(), c.request_id.as_str()))
+        .collect();
+    for (u, job) in &done {
+        assert_eq!(job.line_request_ids, vec![request_of[u.as_str()]], "{u}");
+    }
     let mut linked: HashMap<String, Vec<String>> = HashMap::new();
     let mut bulk = 0;
     for c in &changes {
@@ -478,6 +489,46 @@ async fn links_to_one_menu_leave_as_bulk_links_and_each_user_is_linked_once() {
     assert!(bulk * 100 >= 1050 * 90, "only {bulk} of 1050 in bulk links");
     let bulk_calls = mesh.count(Endpoint::BulkLinkRichMenu, 202);
     assert!((3..100).contains(&bulk_calls), "{bulk_calls} bulk calls");
+    // Analytics hears of each LINE call once, with the users it linked.
+    let key = format!("{}:delivery:outcomes", mesh.env["HIBIKI_REDIS_PREFIX"]);
+    let calls: HashSet<&str> = changes.iter().map(|c| c.request_id.as_str()).collect();
+    // Published just after each call settles: wait for the last ones.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let outcomes: Vec<DeliveryOutcomeRecord> = loop {
+        let found = hibiki_testkit::stream_fields(&mesh.env["HIBIKI_REDIS_URL"], &key, "o").await;
+        if found.len() >= calls.len() || Instant::now() >= deadline {
+            break found
+                .iter()
+                .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(outcomes.len(), calls.len(), "one outcome per call");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.outcome() == DeliveryOutcome::Accepted)
+    );
+    let ids: HashSet<&str> = outcomes.iter().map(|o| o.outcome_id.as_str()).collect();
+    assert_eq!(ids.len(), outcomes.len(), "outcome ids are distinct");
+    let by_endpoint = |e: Endpoint| -> (usize, i64) {
+        let of: Vec<_> = outcomes.iter().filter(|o| o.endpoint == e.name()).collect();
+        (of.len(), of.iter().map(|o| o.recipients).sum())
+    };
+    let (bulk_outcomes, bulk_users) = by_endpoint(Endpoint::BulkLinkRichMenu);
+    let (single_outcomes, single_users) = by_endpoint(Endpoint::LinkRichMenu);
+    assert_eq!(bulk_outcomes as u64, bulk_calls);
+    assert_eq!(bulk_users, bulk as i64);
+    assert_eq!(single_outcomes as i64, single_users);
+    assert_eq!(bulk_users + single_users, 1050);
+    assert!(
+        outcomes
+            .iter()
+            .filter(|o| o.recipients > 1)
+            .all(|o| o.job_id.is_empty()),
+        "a coalesced call names no single job"
+    );
 
     // An unlink goes out too.
     let job = client
