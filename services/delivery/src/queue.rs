@@ -8,6 +8,8 @@
 //! | `<p>:dq:{ch}:q:<class>` | the ready queue: a stream of `QueuedCall`s (field `c`), read by the consumer group `delivery` |
 //! | `<p>:dq:{ch}:q:<class>:merged` | calls coalesced from the ready queue (same group), read first |
 //! | `<p>:dq:{ch}:q:<class>:delayed` | retries and held sends: a sorted set of `QueuedCall`s by due time (ms) |
+//! | `<p>:dq:{ch}:q:<class>:open`, `…:opened`, `…:open:<menu>` | bulk links being gathered as links are queued (see [`ENQUEUE_LINK`]) |
+//! | `<p>:dq:{ch}:batch:<batch>` | a gathered bulk link's progress, which its jobs report |
 //! | `<p>:dq:{ch}:q:<class>:lease` | the worker that owns the queue now (a lease, renewed while it works) |
 //! | `<p>:dq:{ch}:job:<job>` | a job's progress (hash), with its last 100 LINE request ids |
 //! | `<p>:dq:{ch}:idem:<tenant>:<key>` | idempotency key → job id |
@@ -25,6 +27,7 @@
 //! holding calls leaves them pending in the group; the next owner of the
 //! queue claims them first.
 
+use hibiki_proto::delivery::v1::QueuedCall;
 use hibiki_runtime::redis::{Redis, Script, redis};
 
 /// The consumer group every worker reads the queues through.
@@ -113,6 +116,27 @@ impl Keys {
         self.channel(&q.channel_id, &format!("q:{}:delayed", q.class.name()))
     }
 
+    /// The open bulk links being gathered: menu id → batch id.
+    pub fn open(&self, q: &QueueId) -> String {
+        self.channel(&q.channel_id, &format!("q:{}:open", q.class.name()))
+    }
+
+    /// When each open bulk link was opened: a sorted set of menu ids by ms.
+    pub fn opened(&self, q: &QueueId) -> String {
+        self.channel(&q.channel_id, &format!("q:{}:opened", q.class.name()))
+    }
+
+    /// The open bulk link to `menu`: its call's header, then its parts, as
+    /// encoded pieces of one `QueuedCall`.
+    pub fn open_links(&self, q: &QueueId, menu: &str) -> String {
+        self.channel(&q.channel_id, &format!("q:{}:open:{menu}", q.class.name()))
+    }
+
+    /// A batch's progress (a hash shaped like a job's).
+    pub fn batch(&self, channel_id: &str, batch_id: &str) -> String {
+        self.channel(channel_id, &format!("batch:{batch_id}"))
+    }
+
     pub fn lease(&self, q: &QueueId) -> String {
         self.channel(&q.channel_id, &format!("q:{}:lease", q.class.name()))
     }
@@ -172,6 +196,98 @@ return {1, ARGV[1]}
 "#,
 );
 
+/// Queues a new link job into the bulk link being gathered for its menu,
+/// unless the idempotency key has a job already. A link's call is never
+/// queued alone: it joins the menu's open bulk link, which is queued as one
+/// call when it holds `ARGV[7]` users (or when a worker seals it, a
+/// coalescing window after it opened, see [`SEAL`]). The first link of a
+/// bulk link opens it, and its job id becomes the batch id; each job names
+/// its batch, and the batch's progress record is made with it.
+///
+/// The open bulk link is a list of encoded pieces of one `QueuedCall`: the
+/// header (every field but the parts), then each part as an encoded
+/// `parts` field. Concatenated, they are the call.
+///
+/// KEYS: idem, job, stream, delayed, open links (this menu), open, opened,
+/// the batch (as if this job opens it). ARGV: job id, ttl ms, max queue
+/// length, header, part, menu id, most users in a bulk link, then the
+/// job's fields (tenant, kind, channel, idempotency key). Returns {status,
+/// job id} as [`ENQUEUE`] does.
+pub static ENQUEUE_LINK: Script = Script::new(
+    r#"
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then
+  return {2, ''}
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local batch = redis.call('HGET', KEYS[6], ARGV[6])
+if not batch then
+  batch = ARGV[1]
+  redis.call('HSET', KEYS[6], ARGV[6], batch)
+  redis.call('ZADD', KEYS[7], now, ARGV[6])
+  redis.call('DEL', KEYS[5])
+  redis.call('RPUSH', KEYS[5], ARGV[4])
+  redis.call('HSET', KEYS[8], 'tenant', ARGV[8], 'kind', ARGV[9], 'channel', ARGV[10],
+    'succeeded', 0, 'failed', 0, 'attempts', 0, 'created', now, 'updated', now)
+  redis.call('PEXPIRE', KEYS[8], ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'tenant', ARGV[8], 'kind', ARGV[9], 'channel', ARGV[10],
+  'idem', ARGV[11], 'total', 1, 'succeeded', 0, 'failed', 0, 'attempts', 0,
+  'created', now, 'updated', now, 'expanding', 0, 'batch', batch)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('RPUSH', KEYS[5], ARGV[5]) - 1 >= tonumber(ARGV[7]) then
+  redis.call('XADD', KEYS[3], '*', 'c', table.concat(redis.call('LRANGE', KEYS[5], 0, -1)))
+  redis.call('DEL', KEYS[5])
+  redis.call('HDEL', KEYS[6], ARGV[6])
+  redis.call('ZREM', KEYS[7], ARGV[6])
+end
+return {1, ARGV[1]}
+"#,
+);
+
+/// Queues the open bulk link to one menu as one call, if it opened at least
+/// ARGV[2] ms ago. KEYS: open links (the menu), open, opened, stream. ARGV:
+/// menu id, window ms. Returns the users queued (0: not due or none).
+pub static SEAL: Script = Script::new(
+    r#"
+local opened = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not opened then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if tonumber(opened) + tonumber(ARGV[2]) > now then return 0 end
+local n = redis.call('LLEN', KEYS[1]) - 1
+if n > 0 then
+  redis.call('XADD', KEYS[4], '*', 'c', table.concat(redis.call('LRANGE', KEYS[1], 0, -1)))
+end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return math.max(n, 0)
+"#,
+);
+
+/// The progress records a call's outcome updates, each with the recipients
+/// it counts: a gathered bulk link's batch, else each part's job.
+pub fn progress_of(keys: &Keys, call: &QueuedCall) -> Vec<(String, usize)> {
+    if call.batch_id.is_empty() {
+        call.parts
+            .iter()
+            .map(|p| {
+                (
+                    keys.job(&call.channel_id, &p.job_id),
+                    p.user_ids.len().max(1),
+                )
+            })
+            .collect()
+    } else {
+        let users = call.parts.iter().map(|p| p.user_ids.len().max(1)).sum();
+        vec![(keys.batch(&call.channel_id, &call.batch_id), users)]
+    }
+}
+
 /// Coalesces calls: adds the merged call to the merged stream and removes
 /// its sources from the ready queue, at once. KEYS: stream, merged stream.
 /// ARGV: merged call, then the sources' entry ids (at most 500: one XACK
@@ -185,10 +301,11 @@ return 1
 "#,
 );
 
-/// Settles one call. KEYS: stream, delayed, then per part its job hash.
+/// Settles one call. KEYS: stream, delayed, then the progress records the
+/// call updates ([`progress_of`]: each part's job, or its batch).
 /// ARGV: entry id, mode (`ok`, `dead`, `delay`), delay ms, the call as it
 /// goes back (for `delay`), LINE request id, error, whether this counts as
-/// an attempt (1/0), then per part its recipients. `ok` and `dead` add the
+/// an attempt (1/0), then per record its recipients. `ok` and `dead` add the
 /// recipients to the jobs' succeeded or failed; `delay` puts the call in
 /// the delayed set; every mode removes the entry from the ready queue.
 ///
@@ -292,14 +409,14 @@ return 0
 "#,
 );
 
-/// Releases a lease held by ARGV[1] if the queue is empty (ready, merged
-/// and delayed). KEYS: lease, stream, delayed, merged. Returns 1 when
-/// released.
+/// Releases a lease held by ARGV[1] if the queue is empty (ready, merged,
+/// delayed, and no bulk link being gathered). KEYS: lease, stream, delayed,
+/// merged, open. Returns 1 when released.
 pub static RELEASE_IF_EMPTY: Script = Script::new(
     r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('XLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[3]) > 0
-  or redis.call('XLEN', KEYS[4]) > 0 then return 0 end
+  or redis.call('XLEN', KEYS[4]) > 0 or redis.call('HLEN', KEYS[5]) > 0 then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 "#,
@@ -319,8 +436,9 @@ pub fn is_busy_group(e: &redis::RedisError) -> bool {
 }
 
 /// Puts a replayed dead letter back on the ready queue and takes its
-/// recipients off the jobs' failed counts. KEYS: stream, then the parts'
-/// job hashes. ARGV: the call, then per part its recipients.
+/// recipients off the jobs' failed counts. KEYS: stream, then the call's
+/// progress records ([`progress_of`]). ARGV: the call, then per record its
+/// recipients.
 pub static REPLAY: Script = Script::new(
     r#"
 for i = 2, #KEYS do

@@ -153,15 +153,96 @@ impl Delivery {
                 ],
             )
             .await?;
+        self.queued(status, &existing, &q, kind, &call.tenant_id, &job_id)
+            .await
+    }
+
+    /// Queues a link job into its menu's bulk link being gathered
+    /// ([`queue::ENQUEUE_LINK`]): at drain time a bulk link of 500 is one
+    /// queue entry and one progress record, not 500.
+    async fn enqueue_link(&self, call: QueuedCall, idempotency_key: &str) -> Result<Job> {
+        let mut header = call;
+        let part = header.parts.pop().expect("a link has its one part");
+        let job_id = part.job_id.clone();
+        header.batch_id = job_id.clone();
+        header.merged = true;
+        header.retry_key.clear();
+        let q = QueueId {
+            channel_id: header.channel_id.clone(),
+            class: Class::Realtime,
+        };
+        let keys = [
+            self.keys
+                .idem(&header.channel_id, &header.tenant_id, idempotency_key),
+            self.keys.job(&header.channel_id, &job_id),
+            self.keys.stream(&q),
+            self.keys.delayed(&q),
+            self.keys.open_links(&q, &header.rich_menu_id),
+            self.keys.open(&q),
+            self.keys.opened(&q),
+            self.keys.batch(&header.channel_id, &job_id),
+        ];
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // The part as an encoded `parts` field: appended to the header's
+        // encoding it makes the call.
+        let part_field = QueuedCall {
+            parts: vec![part],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let (ttl, max, batch_max) = (
+            self.config.job_ttl.as_millis().to_string(),
+            self.config.max_queue.to_string(),
+            MAX_RECIPIENTS.to_string(),
+        );
+        let kind = JobKind::LinkRichMenu;
+        let (status, existing): (i64, String) = self
+            .keys
+            .redis()
+            .script(
+                &queue::ENQUEUE_LINK,
+                &key_refs,
+                &[
+                    job_id.as_bytes(),
+                    ttl.as_bytes(),
+                    max.as_bytes(),
+                    &header.encode_to_vec(),
+                    &part_field,
+                    header.rich_menu_id.as_bytes(),
+                    batch_max.as_bytes(),
+                    header.tenant_id.as_bytes(),
+                    kind.as_str_name().as_bytes(),
+                    header.channel_id.as_bytes(),
+                    idempotency_key.as_bytes(),
+                ],
+            )
+            .await?;
+        if status == 1 {
+            metrics::counter!("hibiki_delivery_coalesced_total").increment(1);
+        }
+        self.queued(status, &existing, &q, kind, &header.tenant_id, &job_id)
+            .await
+    }
+
+    /// After an enqueue script: the job, or why there is none.
+    async fn queued(
+        &self,
+        status: i64,
+        existing: &str,
+        q: &QueueId,
+        kind: JobKind,
+        tenant_id: &str,
+        job_id: &str,
+    ) -> Result<Job> {
         match status {
             2 => {
                 return Err(Error::ResourceExhausted(format!(
                     "channel {}: its queue holds {} calls; retry later",
-                    call.channel_id, self.config.max_queue
+                    q.channel_id, self.config.max_queue
                 )));
             }
             0 => {
-                return self.job(&call.tenant_id, &existing).await;
+                return self.job(tenant_id, existing).await;
             }
             _ => {}
         }
@@ -171,20 +252,44 @@ impl Delivery {
             .command(redis::cmd("SADD").arg(self.keys.active()).arg(q.member()))
             .await?;
         metrics::counter!("hibiki_delivery_jobs_total", "kind" => kind.as_str_name()).increment(1);
-        self.job(&call.tenant_id, &job_id).await
+        self.job(tenant_id, job_id).await
     }
 
     /// A job of the tenant.
     async fn job(&self, tenant_id: &str, job_id: &str) -> Result<Job> {
         let not_found = || Error::NotFound(format!("job {job_id:?} of tenant {tenant_id:?}"));
         let channel_id = keys::channel_of_job(job_id).ok_or_else(not_found)?;
-        let fields: HashMap<String, String> = self
+        let mut fields: HashMap<String, String> = self
             .keys
             .redis()
             .command(redis::cmd("HGETALL").arg(self.keys.job(channel_id, job_id)))
             .await?;
         if fields.get("tenant").map(String::as_str) != Some(tenant_id) {
             return Err(not_found());
+        }
+        // A link gathered into a bulk link has the bulk link's progress: all
+        // of its users succeed or fail together.
+        if let Some(batch) = fields.get("batch").filter(|b| !b.is_empty()) {
+            let progress: HashMap<String, String> = self
+                .keys
+                .redis()
+                .command(redis::cmd("HGETALL").arg(self.keys.batch(channel_id, batch)))
+                .await?;
+            let total = fields.get("total").cloned().unwrap_or_default();
+            let done = |f: &str| progress.get(f).is_some_and(|v| v != "0");
+            let (succeeded, failed) = match (done("succeeded"), done("failed")) {
+                (true, _) => (total.clone(), "0".to_owned()),
+                (false, true) => ("0".to_owned(), total.clone()),
+                (false, false) => ("0".to_owned(), "0".to_owned()),
+            };
+            fields.insert("succeeded".into(), succeeded);
+            fields.insert("failed".into(), failed);
+            for f in ["attempts", "rids", "last_error", "updated"] {
+                match progress.get(f) {
+                    Some(v) => fields.insert(f.into(), v.clone()),
+                    None => fields.remove(f),
+                };
+            }
         }
         let num = |f: &str| -> i64 { fields.get(f).and_then(|v| v.parse().ok()).unwrap_or(0) };
         let (total, succeeded, failed, attempts) = (
@@ -428,9 +533,7 @@ impl DeliveryService for Delivery {
             user_ids: vec![r.user_id.clone()],
             retry_key: keys::retry_key(&r.tenant_id, &r.channel_id, &r.idempotency_key),
         }];
-        let job = self
-            .enqueue(call, JobKind::LinkRichMenu, &r.idempotency_key, 0)
-            .await?;
+        let job = self.enqueue_link(call, &r.idempotency_key).await?;
         Ok(Response::new(job))
     }
 
@@ -556,19 +659,12 @@ impl DeliveryService for Delivery {
                         channel_id: call.channel_id.clone(),
                         class: Class::Realtime,
                     };
+                    let progress = queue::progress_of(&keys, &call);
                     let mut script_keys = vec![keys.stream(&q)];
-                    script_keys.extend(
-                        call.parts
-                            .iter()
-                            .map(|p| keys.job(&call.channel_id, &p.job_id)),
-                    );
+                    script_keys.extend(progress.iter().map(|(k, _)| k.clone()));
                     let refs: Vec<&str> = script_keys.iter().map(String::as_str).collect();
                     let bytes = call.encode_to_vec();
-                    let counts: Vec<String> = call
-                        .parts
-                        .iter()
-                        .map(|p| p.user_ids.len().max(1).to_string())
-                        .collect();
+                    let counts: Vec<String> = progress.iter().map(|(_, n)| n.to_string()).collect();
                     let mut args: Vec<&[u8]> = vec![&bytes];
                     args.extend(counts.iter().map(|c| c.as_bytes()));
                     let _: i64 = keys.redis().script(&queue::REPLAY, &refs, &args).await?;

@@ -480,6 +480,9 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
             }
             continue;
         }
+        if q.class == Class::Realtime {
+            seal_due(&ctx, &q).await;
+        }
         let ready = match read_new(&ctx, &merged, batch).await {
             Ok(ready) => ready,
             Err(e) => {
@@ -647,7 +650,13 @@ async fn release_if_empty(ctx: &Ctx, q: &QueueId) -> bool {
     let released: Result<i64, _> = redis
         .script(
             &queue::RELEASE_IF_EMPTY,
-            &[&ctx.keys.lease(q), &stream, &delayed, &merged],
+            &[
+                &ctx.keys.lease(q),
+                &stream,
+                &delayed,
+                &merged,
+                &ctx.keys.open(q),
+            ],
             &[ctx.name.as_bytes()],
         )
         .await;
@@ -666,15 +675,51 @@ async fn release_if_empty(ctx: &Ctx, q: &QueueId) -> bool {
         .cmd("ZCARD")
         .arg(&delayed)
         .cmd("XLEN")
-        .arg(&merged);
-    if let Ok((ready, later, coalesced)) = redis.pipeline::<(i64, i64, i64)>(&pipe).await
-        && ready + later + coalesced > 0
+        .arg(&merged)
+        .cmd("HLEN")
+        .arg(ctx.keys.open(q));
+    if let Ok((ready, later, coalesced, gathering)) =
+        redis.pipeline::<(i64, i64, i64, i64)>(&pipe).await
+        && ready + later + coalesced + gathering > 0
     {
         let _: Result<i64, _> = redis
             .command(redis::cmd("SADD").arg(ctx.keys.active()).arg(&member))
             .await;
     }
     true
+}
+
+/// Queues the bulk links gathered for a coalescing window since they
+/// opened ([`queue::SEAL`]); a full one was queued by the link that filled
+/// it.
+async fn seal_due(ctx: &Ctx, q: &QueueId) {
+    let redis = ctx.keys.redis();
+    let opened = ctx.keys.opened(q);
+    let menus: Vec<String> = match redis
+        .command(redis::cmd("ZRANGE").arg(&opened).arg(0).arg(-1))
+        .await
+    {
+        Ok(menus) => menus,
+        Err(e) => {
+            tracing::debug!(queue = %q.member(), error = %e, "open bulk links unreadable");
+            return;
+        }
+    };
+    let (open, stream) = (ctx.keys.open(q), ctx.keys.stream(q));
+    let window = ctx.config.coalesce_window.as_millis().to_string();
+    for menu in menus {
+        let links = ctx.keys.open_links(q, &menu);
+        if let Err(e) = redis
+            .script::<i64>(
+                &queue::SEAL,
+                &[&links, &open, &opened, &stream],
+                &[menu.as_bytes(), window.as_bytes()],
+            )
+            .await
+        {
+            tracing::debug!(queue = %q.member(), error = %e, "bulk link not sealed");
+        }
+    }
 }
 
 /// Waits until the channel's limit for `endpoint` lets one call through.
@@ -1057,10 +1102,9 @@ async fn settle(
     error: &str,
 ) {
     let (q, id) = (&at.q, at.id.as_str());
+    let progress = queue::progress_of(&ctx.keys, call);
     let mut keys: Vec<String> = vec![at.from.clone(), ctx.keys.delayed(q)];
-    for p in &call.parts {
-        keys.push(ctx.keys.job(&call.channel_id, &p.job_id));
-    }
+    keys.extend(progress.iter().map(|(k, _)| k.clone()));
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let (mode, delay, back, attempt) = match &how {
         Settle::Sent => ("ok", 0, Vec::new(), true),
@@ -1077,11 +1121,7 @@ async fn settle(
         ),
     };
     let delay = delay.to_string();
-    let counts: Vec<String> = call
-        .parts
-        .iter()
-        .map(|p| p.user_ids.len().max(1).to_string())
-        .collect();
+    let counts: Vec<String> = progress.iter().map(|(_, n)| n.to_string()).collect();
     let request_id = if matches!(how, Settle::Sent) {
         answer.request_id.as_str()
     } else {

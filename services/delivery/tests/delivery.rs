@@ -13,7 +13,9 @@ use hibiki_proto::delivery::v1::{
     LinkRichMenuRequest, ListDeadLettersRequest, Recipients, ReplayDeadLettersRequest, SendRequest,
     UnlinkRichMenuRequest, link_rich_menu_request, send_request,
 };
-use hibiki_testkit::{SERVICE_TOKEN, ServiceProcess, authorized, operator_token, wait_for_health};
+use hibiki_testkit::{
+    SERVICE_TOKEN, ServiceProcess, authorized, lifecycle, operator_token, wait_for_health,
+};
 use tonic_health::ServingStatus;
 
 mod common;
@@ -485,10 +487,23 @@ async fn links_to_one_menu_leave_as_bulk_links_and_each_user_is_linked_once() {
         let want = if n >= 1000 { &normal } else { &campaign };
         assert_eq!(menus, &vec![want.clone()], "user {n}");
     }
-    // Most links left in bulk (the first of a burst may leave alone).
+    // Most links left in bulk (the first of a burst may leave alone), none
+    // in a bulk link of more than 500.
     assert!(bulk * 100 >= 1050 * 90, "only {bulk} of 1050 in bulk links");
     let bulk_calls = mesh.count(Endpoint::BulkLinkRichMenu, 202);
-    assert!((3..100).contains(&bulk_calls), "{bulk_calls} bulk calls");
+    let mut per_call: HashMap<&str, usize> = HashMap::new();
+    for c in changes
+        .iter()
+        .filter(|c| c.endpoint == Endpoint::BulkLinkRichMenu)
+    {
+        *per_call.entry(c.request_id.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_call.len() as u64, bulk_calls);
+    assert!(bulk_calls >= 3, "{bulk_calls} bulk calls");
+    assert!(
+        per_call.values().all(|&n| (2..=500).contains(&n)),
+        "{per_call:?}"
+    );
     // Analytics hears of each LINE call once, with the users it linked.
     let key = format!("{}:delivery:outcomes", mesh.env["HIBIKI_REDIS_PREFIX"]);
     let calls: HashSet<&str> = changes.iter().map(|c| c.request_id.as_str()).collect();
@@ -913,4 +928,174 @@ async fn identical_pushes_leave_as_multicasts_and_each_user_gets_one() {
         "only {in_multicasts} of 400 in multicasts"
     );
     assert!(mesh.count(Endpoint::Multicast, 200) < 100);
+}
+
+#[tokio::test]
+async fn links_queued_while_nobody_sends_leave_in_full_bulk_links_and_a_refused_one_is_replayed_whole()
+ {
+    // This replica takes requests and sends nothing.
+    let mesh = Mesh::start(
+        SimConfig::default(),
+        &[("HIBIKI_DELIVERY_WORKERS", "false")],
+    )
+    .await
+    .with_delivery()
+    .await;
+    let campaign = mesh
+        .sim
+        .sim()
+        .create_rich_menu(ACME_CHANNEL, "campaign", None);
+    let theirs = mesh
+        .sim
+        .sim()
+        .create_rich_menu(GLOBEX_CHANNEL, "spring", None);
+    let mut client = mesh.client();
+    let link = |tenant: &str, channel: &str, key: String, n: u64, menu: &str| LinkRichMenuRequest {
+        tenant_id: tenant.into(),
+        channel_id: channel.into(),
+        idempotency_key: key,
+        user_id: user(n),
+        menu: Some(link_rich_menu_request::Menu::RichMenuId(menu.into())),
+    };
+    let mut acme = Vec::new();
+    for n in 0..1050u64 {
+        let job = client
+            .link_rich_menu(link(
+                ACME,
+                ACME_CHANNEL,
+                format!("gathered{n}"),
+                n,
+                &campaign,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(job.status(), JobStatus::Queued, "{job:?}");
+        acme.push((user(n), job.job_id));
+    }
+    // A repeat is the same job, not another link.
+    let again = client
+        .link_rich_menu(link(ACME, ACME_CHANNEL, "gathered7".into(), 7, &campaign))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.job_id, acme[7].1);
+    let mut globex = Vec::new();
+    for n in 0..20u64 {
+        let job = client
+            .link_rich_menu(link(
+                GLOBEX,
+                GLOBEX_CHANNEL,
+                format!("refused{n}"),
+                n,
+                &theirs,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        globex.push(job.job_id);
+    }
+    // LINE does not know globex's token: its bulk link is refused (401).
+    mesh.sim.sim().lock().put_channel(SimChannel {
+        channel_id: GLOBEX_CHANNEL.into(),
+        access_token: "rotated".into(),
+        secret: "secret-globex".into(),
+    });
+    assert!(mesh.sim.sim().lock().menu_changes.is_empty());
+
+    // A sending replica starts.
+    let mut env = mesh.env.clone();
+    env.insert("HIBIKI_DELIVERY_WORKERS".into(), "true".into());
+    let (_url, sender, _task) = lifecycle::start::<hibiki_delivery::Application>(&env).await;
+    let mut done = Vec::new();
+    for (u, id) in &acme {
+        let job = finished(&mut client, ACME, id, Duration::from_secs(30)).await;
+        assert_eq!(job.status(), JobStatus::Succeeded, "{job:?}");
+        assert_eq!((job.attempts, job.recipients_succeeded), (1, 1), "{job:?}");
+        done.push((u, job));
+    }
+    // 1,050 links in the fewest bulk links: 500, 500 and 50.
+    let changes = mesh.sim.sim().lock().menu_changes.clone();
+    let mut calls: HashMap<&str, usize> = HashMap::new();
+    for c in changes.iter().filter(|c| c.channel_id == ACME_CHANNEL) {
+        assert_eq!(c.endpoint, Endpoint::BulkLinkRichMenu);
+        assert_eq!(c.rich_menu_id.as_deref(), Some(campaign.as_str()));
+        *calls.entry(c.request_id.as_str()).or_default() += 1;
+    }
+    let mut sizes: Vec<usize> = calls.values().copied().collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![50, 500, 500]);
+    let request_of: HashMap<&str, &str> = changes
+        .iter()
+        .map(|c| (c.user_id.as_str(), c.request_id.as_str()))
+        .collect();
+    for (u, job) in &done {
+        assert_eq!(job.line_request_ids, vec![request_of[u.as_str()]], "{u}");
+    }
+
+    // globex's bulk link failed whole: one dead letter of 20 users.
+    for id in &globex {
+        let job = finished(&mut client, GLOBEX, id, Duration::from_secs(10)).await;
+        assert_eq!(job.status(), JobStatus::Failed, "{job:?}");
+        assert_eq!(job.recipients_failed, 1);
+    }
+    let dead = client
+        .list_dead_letters(ListDeadLettersRequest {
+            tenant_id: GLOBEX.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (
+            dead[0].endpoint.as_str(),
+            dead[0].recipients,
+            dead[0].line_status
+        ),
+        ("bulk_link_rich_menu", 20, 401)
+    );
+    let mut named = dead[0].job_ids.clone();
+    named.sort();
+    let mut want = globex.clone();
+    want.sort();
+    assert_eq!(named, want);
+
+    // The token is fixed and the dead letter replayed: each user is linked
+    // once and each job succeeds.
+    mesh.sim.sim().lock().put_channel(SimChannel {
+        channel_id: GLOBEX_CHANNEL.into(),
+        access_token: "token-b".into(),
+        secret: "secret-globex".into(),
+    });
+    let replayed = client
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            tenant_id: GLOBEX.into(),
+            dead_letter_ids: vec![dead[0].dead_letter_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, 1);
+    for id in &globex {
+        let job = finished(&mut client, GLOBEX, id, Duration::from_secs(10)).await;
+        assert_eq!(job.status(), JobStatus::Succeeded, "{job:?}");
+        assert_eq!((job.recipients_succeeded, job.recipients_failed), (1, 0));
+        assert_eq!(job.attempts, 2, "the refused call and the replay");
+    }
+    let linked: Vec<String> = mesh
+        .sim
+        .sim()
+        .lock()
+        .menu_changes
+        .iter()
+        .filter(|c| c.channel_id == GLOBEX_CHANNEL)
+        .map(|c| c.user_id.clone())
+        .collect();
+    let distinct: HashSet<&String> = linked.iter().collect();
+    assert_eq!((linked.len(), distinct.len()), (20, 20));
+    sender.trigger();
 }
