@@ -7,13 +7,20 @@
 //! 1. A new owner first claims the calls a previous owner left pending
 //!    (`XAUTOCLAIM`): a worker that died mid-call is reclaimed, and the
 //!    call goes out again with the same retry key (LINE answers 409).
-//! 2. New calls are read in batches. Rich menu links to one menu, and
-//!    identical pushes to users, are coalesced into bulk links and
-//!    multicasts of up to 500 users, waiting a few milliseconds for more to
-//!    arrive; a merged call replaces its sources in one script, so it is
-//!    retried as the unit that was sent.
-//! 3. Each call waits for the channel's shared rate limit for its endpoint
-//!    (GCRA in Redis, a little under LINE's numbers), then is sent, and
+//! 2. Rich menu links to one menu are gathered into a bulk link as they
+//!    are queued (`queue::ENQUEUE_LINK`): a full bulk link of 500 is queued
+//!    by the link that fills it, and the owner seals a partial one a
+//!    coalescing window after it opened. The bulk link has one progress
+//!    record, which its jobs report, so draining a backlog costs Redis one
+//!    entry and one record per 500 users.
+//! 3. New calls are read in batches. Identical pushes to users, and
+//!    unlinks, are coalesced into multicasts and bulk unlinks of up to 500
+//!    users, waiting a few milliseconds for more to arrive; a merged call
+//!    replaces its sources in one script, so it is retried as the unit that
+//!    was sent.
+//! 4. Each call waits for the channel's shared rate limit for its endpoint
+//!    (GCRA in Redis, a little under LINE's numbers; the calls of one
+//!    replica take turns, and one asks Redis for all), then is sent, and
 //!    settled by LINE's answer: sent (2xx, 409), retried with backoff and
 //!    jitter (5xx, timeout), paused without spending an attempt (429: the
 //!    whole endpoint of the channel waits), or dead-lettered (other 4xx,
@@ -62,7 +69,8 @@ pub struct WorkerConfig {
     pub channel_concurrency: usize,
     /// Calls in flight for all bulk queues of this worker.
     pub bulk_concurrency: usize,
-    /// How long a link or push waits for others to coalesce with.
+    /// How long a bulk link is gathered after its first link, and how long
+    /// a push or unlink waits for others to coalesce with.
     pub coalesce_window: Duration,
     /// The share of LINE's limit delivery uses (a little under 1, so that
     /// clocks and bursts never push a channel over).
