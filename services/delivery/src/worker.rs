@@ -142,23 +142,7 @@ struct Ctx {
     /// This worker's name in leases and the consumer group.
     name: String,
     bulk: Semaphore,
-    /// This replica's turns at the shared rate limits, per (channel,
-    /// endpoint).
-    turns: std::sync::Mutex<HashMap<(String, Endpoint), Arc<Turn>>>,
     shutdown: Shutdown,
-}
-
-/// The calls of this replica waiting for one rate limit take turns, in
-/// order: only the call whose turn it is asks Redis, for as many requests
-/// as there are calls waiting, and leaves what it was granted beyond its
-/// own to the calls behind it. (A hundred calls polling Redis each cost it
-/// more than the sends did.)
-#[derive(Default)]
-struct Turn {
-    /// Requests granted and not yet used, held by whose turn it is.
-    granted: tokio::sync::Mutex<u64>,
-    /// Calls waiting for their turn.
-    waiting: std::sync::atomic::AtomicU64,
 }
 
 /// Starts this replica's dispatcher; it runs until `shutdown`.
@@ -186,7 +170,6 @@ pub fn start(
         bulk: Semaphore::new(config.bulk_concurrency.max(1)),
         config,
         name,
-        turns: std::sync::Mutex::default(),
         shutdown,
     });
     tokio::spawn(dispatch(ctx))
@@ -759,46 +742,26 @@ async fn acquire(ctx: &Ctx, channel_id: &str, endpoint: Endpoint) {
         ctx.keys.pause(channel_id, endpoint.name()),
     ];
     let started = Instant::now();
-    let turn = ctx
-        .turns
-        .lock()
-        .expect("the turns map is never poisoned")
-        .entry((channel_id.to_owned(), endpoint))
-        .or_default()
-        .clone();
-    use std::sync::atomic::Ordering::Relaxed;
-    turn.waiting.fetch_add(1, Relaxed);
-    let mut granted = turn.granted.lock().await;
-    turn.waiting.fetch_sub(1, Relaxed);
-    if *granted > 0 {
-        *granted -= 1;
-    } else {
-        loop {
-            let wanted = (turn.waiting.load(Relaxed) + 1).to_string();
-            let result: Result<(u64, i64), _> = ctx
-                .keys
-                .redis()
-                .script(
-                    &queue::ACQUIRE,
-                    &[&keys[0], &keys[1]],
-                    &[interval.as_bytes(), tolerance.as_bytes(), wanted.as_bytes()],
-                )
-                .await;
-            let wait = match result {
-                Ok((n, _)) if n > 0 => {
-                    *granted = n - 1;
-                    break;
-                }
-                Ok((_, wait)) => Duration::from_millis(wait.max(1) as u64),
-                Err(e) => {
-                    tracing::debug!(error = %e, "rate limit unreadable; waiting");
-                    Duration::from_millis(100)
-                }
-            };
-            tokio::time::sleep(wait).await;
-        }
+    loop {
+        let result: Result<(i64, i64), _> = ctx
+            .keys
+            .redis()
+            .script(
+                &queue::ACQUIRE,
+                &[&keys[0], &keys[1]],
+                &[interval.as_bytes(), tolerance.as_bytes(), b"1"],
+            )
+            .await;
+        let wait = match result {
+            Ok((granted, _)) if granted > 0 => break,
+            Ok((_, wait)) => Duration::from_millis(wait.max(1) as u64),
+            Err(e) => {
+                tracing::debug!(error = %e, "rate limit unreadable; waiting");
+                Duration::from_millis(100)
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
-    drop(granted);
     metrics::histogram!("hibiki_delivery_rate_wait_seconds", "endpoint" => endpoint.name())
         .record(started.elapsed().as_secs_f64());
 }
