@@ -19,8 +19,7 @@
 //!    replaces its sources in one script, so it is retried as the unit that
 //!    was sent.
 //! 4. Each call waits for the channel's shared rate limit for its endpoint
-//!    (GCRA in Redis, a little under LINE's numbers; the calls of one
-//!    replica take turns, and one asks Redis for all), then is sent, and
+//!    (GCRA in Redis, a little under LINE's numbers), then is sent, and
 //!    settled by LINE's answer: sent (2xx, 409), retried with backoff and
 //!    jitter (5xx, timeout), paused without spending an attempt (429: the
 //!    whole endpoint of the channel waits), or dead-lettered (other 4xx,
