@@ -454,22 +454,8 @@ async fn links_to_one_menu_leave_as_bulk_links_and_each_user_is_linked_once() {
     for t in tasks {
         jobs.extend(t.await.unwrap());
     }
-    let mut done = Vec::new();
-    for (u, id) in &jobs {
-        let job = finished(&mut client, ACME, id, Duration::from_secs(30)).await;
-        assert_eq!(job.status(), JobStatus::Succeeded, "{job:?}");
-        assert_eq!((job.attempts, job.recipients_succeeded), (1, 1), "{job:?}");
-        done.push((u, job));
-    }
-    let changes = mesh.sim.sim().lock().menu_changes.clone();
     // Each job names the LINE request that linked its user.
-    let request_of: HashMap<&str, &str> = changes
-        .iter()
-        .map(|c| (c.user_id.as_str(), c.request_id.as_str()))
-        .collect();
-    for (u, job) in &done {
-        assert_eq!(job.line_request_ids, vec![request_of[u.as_str()]], "{u}");
-    }
+    let changes = mesh.links_succeeded(&mut client, ACME, &jobs).await;
     let mut linked: HashMap<String, Vec<String>> = HashMap::new();
     let mut bulk = 0;
     for c in &changes {
@@ -1007,15 +993,8 @@ async fn links_queued_while_nobody_sends_leave_in_full_bulk_links_and_a_refused_
     let mut env = mesh.env.clone();
     env.insert("HIBIKI_DELIVERY_WORKERS".into(), "true".into());
     let (_url, sender, _task) = lifecycle::start::<hibiki_delivery::Application>(&env).await;
-    let mut done = Vec::new();
-    for (u, id) in &acme {
-        let job = finished(&mut client, ACME, id, Duration::from_secs(30)).await;
-        assert_eq!(job.status(), JobStatus::Succeeded, "{job:?}");
-        assert_eq!((job.attempts, job.recipients_succeeded), (1, 1), "{job:?}");
-        done.push((u, job));
-    }
+    let changes = mesh.links_succeeded(&mut client, ACME, &acme).await;
     // 1,050 links in the fewest bulk links: 500, 500 and 50.
-    let changes = mesh.sim.sim().lock().menu_changes.clone();
     let mut calls: HashMap<&str, usize> = HashMap::new();
     for c in changes.iter().filter(|c| c.channel_id == ACME_CHANNEL) {
         assert_eq!(c.endpoint, Endpoint::BulkLinkRichMenu);
@@ -1025,13 +1004,6 @@ async fn links_queued_while_nobody_sends_leave_in_full_bulk_links_and_a_refused_
     let mut sizes: Vec<usize> = calls.values().copied().collect();
     sizes.sort_unstable();
     assert_eq!(sizes, vec![50, 500, 500]);
-    let request_of: HashMap<&str, &str> = changes
-        .iter()
-        .map(|c| (c.user_id.as_str(), c.request_id.as_str()))
-        .collect();
-    for (u, job) in &done {
-        assert_eq!(job.line_request_ids, vec![request_of[u.as_str()]], "{u}");
-    }
 
     // globex's bulk link failed whole: one dead letter of 20 users.
     for id in &globex {

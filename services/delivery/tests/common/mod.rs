@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hibiki_line::api::Endpoint;
+use hibiki_line_sim::state::MenuChange;
 use hibiki_line_sim::{LineSim, SimChannel, SimConfig};
 use hibiki_proto::contacts::v1::tenant_service_client::TenantServiceClient;
 use hibiki_proto::contacts::v1::{CreateTenantRequest, PutChannelRequest};
@@ -133,6 +134,33 @@ impl Mesh {
     /// Messages line-sim accepted, per recipient.
     pub fn sent(&self) -> Vec<hibiki_line_sim::state::SentMessage> {
         self.sim.sim().lock().sent.clone()
+    }
+
+    /// Waits for each (user, link job) to succeed at its first attempt,
+    /// and checks that each job names the LINE request that linked its
+    /// user. Returns line-sim's ledger of menu changes.
+    pub async fn links_succeeded(
+        &self,
+        client: &mut Client,
+        tenant: &str,
+        jobs: &[(String, String)],
+    ) -> Vec<MenuChange> {
+        let mut done = Vec::new();
+        for (u, id) in jobs {
+            let job = finished(client, tenant, id, Duration::from_secs(30)).await;
+            assert_eq!(job.status(), JobStatus::Succeeded, "{job:?}");
+            assert_eq!((job.attempts, job.recipients_succeeded), (1, 1), "{job:?}");
+            done.push((u, job));
+        }
+        let changes = self.sim.sim().lock().menu_changes.clone();
+        let request_of: HashMap<&str, &str> = changes
+            .iter()
+            .map(|c| (c.user_id.as_str(), c.request_id.as_str()))
+            .collect();
+        for (u, job) in &done {
+            assert_eq!(job.line_request_ids, vec![request_of[u.as_str()]], "{u}");
+        }
+        changes
     }
 
     pub fn count(&self, endpoint: Endpoint, status: u16) -> u64 {
