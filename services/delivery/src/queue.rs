@@ -310,8 +310,8 @@ return 1
 /// the delayed set; every mode removes the entry from the ready queue.
 ///
 /// A job's LINE request ids are its field `rids` (space-separated, the last
-/// 100, counted in `rid_n`). Each part costs one read and one write of its
-/// job: a bulk link settles 500 jobs.
+/// 100, counted in `rid_n`). Each record costs one read and one write: a
+/// multicast of 500 settles 500 jobs, a gathered bulk link its one batch.
 pub static SETTLE: Script = Script::new(
     r#"
 local t = redis.call('TIME')

@@ -420,6 +420,9 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
     ];
     let mut renewed = Instant::now();
     let mut requeued = Instant::now() - Duration::from_secs(1);
+    let mut sealed = Instant::now()
+        .checked_sub(ctx.config.coalesce_window)
+        .unwrap_or_else(Instant::now);
     let mut idle_since: Option<Instant> = None;
     let mut nap = Duration::from_millis(2);
     // A read takes up to a bulk link's worth, so that a backlog merges into
@@ -487,7 +490,10 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
             }
             continue;
         }
-        if q.class == Class::Realtime {
+        // Open bulk links are looked at once per coalescing window, not on
+        // every read: under load the loop reads far more often than that.
+        if q.class == Class::Realtime && sealed.elapsed() >= ctx.config.coalesce_window {
+            sealed = Instant::now();
             seal_due(&ctx, &q).await;
         }
         let ready = match read_new(&ctx, &merged, batch).await {
