@@ -3,6 +3,22 @@
 //! and claimed by one executor at a time (`FOR UPDATE SKIP LOCKED`, with a
 //! lease, so several replicas share them and none runs a step twice at
 //! once).
+//!
+//! # Plans that hold while the table grows
+//!
+//! A campaign starts tens of thousands of runs a minute, faster than
+//! statistics are refreshed, and its scenario is new to them. Two plans
+//! went wrong that way (the storm bench, 2026-12-01) and each start cost a
+//! walk over every run of the campaign:
+//! - a contact's earlier runs of a scenario were looked up through
+//!   `runs_of_scenario` (stale statistics call a new scenario rare) and
+//!   filtered by contact. They are looked up by contact (`runs_of_contact`:
+//!   a contact has few runs) and filtered by scenario, written
+//!   `scenario_id || '' = …` so that no index on the scenario can serve it.
+//! - a statement over a batch (`unnest` of arrays), prepared while the table
+//!   was nearly empty, kept a generic plan that hashes the whole table.
+//!   Those statements are not kept prepared (`persistent(false)`): each is
+//!   planned with its batch and the table's size at the time.
 
 use std::time::Duration;
 
@@ -299,14 +315,15 @@ impl Runs {
                          check_any, check_active)
               WHERE NOT EXISTS (
                       SELECT 1 FROM runs r
-                       WHERE r.tenant_id = n.tenant_id AND r.scenario_id = n.scenario_id
-                         AND r.line_user_id = n.line_user_id
+                       WHERE r.tenant_id = n.tenant_id AND r.line_user_id = n.line_user_id
+                         AND r.scenario_id || '' = n.scenario_id
                          AND ((n.trigger_event_id <> '' AND r.trigger_event_id = n.trigger_event_id)
                               OR n.check_any
                               OR (n.check_active AND r.status IN ('running', 'waiting'))))
              RETURNING ",
             run_columns!()
         ))
+        .persistent(false)
         .bind(&tenants)
         .bind(&run_ids)
         .bind(&scenarios)
@@ -355,7 +372,7 @@ impl Runs {
                     $8, $9, $10, $11
               WHERE NOT EXISTS (
                       SELECT 1 FROM runs
-                       WHERE tenant_id = $1 AND scenario_id = $3 AND line_user_id = $5
+                       WHERE tenant_id = $1 AND line_user_id = $5 AND scenario_id || '' = $3
                          AND (($8 <> '' AND trigger_event_id = $8)
                               OR $13
                               OR ($14 AND status IN ('running', 'waiting'))))
@@ -398,7 +415,7 @@ impl Runs {
         }
         let (other,): (String,) = sqlx::query_as(
             "SELECT run_id FROM runs
-              WHERE tenant_id = $1 AND scenario_id = $2 AND line_user_id = $3
+              WHERE tenant_id = $1 AND line_user_id = $3 AND scenario_id || '' = $2
                 AND (NOT $4 OR status IN ('running', 'waiting'))
               ORDER BY started_at DESC LIMIT 1",
         )
@@ -446,7 +463,7 @@ impl Runs {
         };
         let other: Option<(String,)> = sqlx::query_as(
             "SELECT run_id FROM runs
-              WHERE tenant_id = $1 AND scenario_id = $2 AND line_user_id = $3
+              WHERE tenant_id = $1 AND line_user_id = $3 AND scenario_id || '' = $2
                 AND (NOT $4 OR status IN ('running', 'waiting')) LIMIT 1",
         )
         .bind(tenant_id)
@@ -556,6 +573,7 @@ impl Runs {
              SELECT b.tenant_id, b.run_id, b.seq + st.pos, st.step_id, st.detail, true
                FROM base b JOIN steps st ON st.k = b.k",
         )
+        .persistent(false)
         .bind(&tenants)
         .bind(&run_ids)
         .bind(&pcs)
