@@ -248,10 +248,16 @@ impl Contacts {
                 responses.push(response.encode_to_vec());
                 results[i] = Some(Ok(response));
             }
+            // Key by key through the primary key, whatever the statistics
+            // say (the docs of `store` say why); the rows are this
+            // transaction's own.
             sqlx::query(
                 "UPDATE mutation_results m SET response = x.r \
                  FROM unnest($2::text[], $3::bytea[]) AS x(k, r) \
-                 WHERE m.tenant_id = $1 AND m.idempotency_key = x.k",
+                   CROSS JOIN LATERAL (SELECT ctid AS loc FROM mutation_results \
+                                        WHERE tenant_id = $1 AND idempotency_key = x.k \
+                                        LIMIT 1) AS p \
+                 WHERE m.ctid = p.loc",
             )
             .bind(tenant)
             .bind(&written_keys)
