@@ -46,7 +46,11 @@ pub fn connect_lazy(config: &PostgresConfig, schema: &str) -> Result<PgPool, Pos
             // cached in the connection until its statistics change, and
             // then reads thousands of rows per lookup; planning each
             // statement for its parameters and the table's current size
-            // costs a little CPU and never goes that wrong.
+            // costs a little CPU and never goes that wrong. Custom plans
+            // still trust column statistics, which lag behind a storm: the
+            // hot statements are written so that one index serves them
+            // whatever the statistics say (scenario's `runs`, contacts'
+            // `store`).
             ("plan_cache_mode", "force_custom_plan".to_owned()),
         ])
         .log_statements(tracing::log::LevelFilter::Debug);

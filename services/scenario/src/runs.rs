@@ -7,18 +7,15 @@
 //! # Plans that hold while the table grows
 //!
 //! A campaign starts tens of thousands of runs a minute, faster than
-//! statistics are refreshed, and its scenario is new to them. Two plans
-//! went wrong that way (the storm bench, 2026-12-01) and each start cost a
-//! walk over every run of the campaign:
-//! - a contact's earlier runs of a scenario were looked up through
-//!   `runs_of_scenario` (stale statistics call a new scenario rare) and
-//!   filtered by contact. They are looked up by contact (`runs_of_contact`:
-//!   a contact has few runs) and filtered by scenario, written
-//!   `scenario_id || '' = …` so that no index on the scenario can serve it.
-//! - a statement over a batch (`unnest` of arrays), prepared while the table
-//!   was nearly empty, kept a generic plan that hashes the whole table.
-//!   Those statements are not kept prepared (`persistent(false)`): each is
-//!   planned with its batch and the table's size at the time.
+//! statistics are refreshed, and its scenario is new to them. Looked up by
+//! scenario and contact, a contact's earlier runs of the scenario were
+//! found through `runs_of_scenario` (stale statistics call a new scenario
+//! rare) and filtered by contact: every start walked every run of the
+//! campaign (the storm bench, 2026-12-01). They are looked up by contact
+//! (`runs_of_contact`: a contact has few runs) and filtered by scenario,
+//! written `scenario_id || '' = …` so that no index on the scenario can
+//! serve the lookup; so is the run an event started before (the event is
+//! its contact's).
 
 use std::time::Duration;
 
@@ -323,7 +320,6 @@ impl Runs {
              RETURNING ",
             run_columns!()
         ))
-        .persistent(false)
         .bind(&tenants)
         .bind(&run_ids)
         .bind(&scenarios)
@@ -402,11 +398,13 @@ impl Runs {
         // Not started: this event's run from before, or the policy.
         if !new.trigger_event_id.is_empty() {
             let before: Option<RunRow> = sqlx::query_as(select_runs!(
-                "WHERE tenant_id = $1 AND scenario_id = $2 AND trigger_event_id = $3"
+                "WHERE tenant_id = $1 AND line_user_id = $4 AND scenario_id || '' = $2
+                   AND trigger_event_id = $3"
             ))
             .bind(&new.tenant_id)
             .bind(&new.scenario_id)
             .bind(&new.trigger_event_id)
+            .bind(&new.line_user_id)
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(run) = before {
@@ -445,11 +443,13 @@ impl Runs {
         if !trigger_event_id.is_empty() {
             let before: Option<(String,)> = sqlx::query_as(
                 "SELECT run_id FROM runs
-                  WHERE tenant_id = $1 AND scenario_id = $2 AND trigger_event_id = $3",
+                  WHERE tenant_id = $1 AND line_user_id = $4 AND scenario_id || '' = $2
+                    AND trigger_event_id = $3",
             )
             .bind(tenant_id)
             .bind(scenario_id)
             .bind(trigger_event_id)
+            .bind(line_user_id)
             .fetch_optional(&self.pool)
             .await?;
             if let Some((run,)) = before {
@@ -573,7 +573,6 @@ impl Runs {
              SELECT b.tenant_id, b.run_id, b.seq + st.pos, st.step_id, st.detail, true
                FROM base b JOIN steps st ON st.k = b.k",
         )
-        .persistent(false)
         .bind(&tenants)
         .bind(&run_ids)
         .bind(&pcs)
@@ -919,6 +918,91 @@ mod tests {
         ];
         assert!(runs.start_many(&twice).await.is_err());
         assert!(runs.start_many(&[]).await.unwrap().is_empty());
+    }
+
+    /// Rows of `runs` that the pool's one connection has read, by index or
+    /// by sequential scan, as PostgreSQL's statistics count them (flushed
+    /// first: the connection reports them when it goes idle).
+    async fn rows_read(pool: &PgPool) -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+               FROM pg_stat_user_tables WHERE schemaname = 'scenario' AND relname = 'runs'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_start_reads_the_contacts_runs_not_the_campaigns_whatever_the_statistics_say() {
+        let database = TestDatabase::create().await;
+        // One connection: the statements measured and the counters read
+        // are the same backend's.
+        let pool = hibiki_runtime::postgres::connect_lazy(
+            &PostgresConfig {
+                url: Secret::new(database.url().to_owned()),
+                max_connections: 1,
+            },
+            "scenario",
+        )
+        .unwrap();
+        hibiki_runtime::postgres::migrate(&pool, "scenario", &crate::MIGRATOR)
+            .await
+            .unwrap();
+        let runs = Runs::new(pool.clone(), Duration::from_secs(60));
+        let insert = "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id,
+                                        channel_id, status, trigger_event_id)
+                      SELECT 'acme', $1 || i, $1, 1, $1 || '-U' || i, '1000000001', 'completed',
+                             $1 || '-E' || i
+                        FROM generate_series(1, $2) AS i";
+        // First with no statistics at all (a fresh database, as `hibiki
+        // dev` starts), then with statistics taken before the campaign.
+        for (campaign, analyze_first) in [("spring", false), ("summer", true)] {
+            if analyze_first {
+                sqlx::query("ANALYZE runs").execute(&pool).await.unwrap();
+            }
+            // The campaign's first 40,000 runs.
+            sqlx::query(insert)
+                .bind(campaign)
+                .bind(40_000)
+                .execute(&pool)
+                .await
+                .unwrap();
+
+            let before = rows_read(&pool).await;
+            let starts: Vec<(NewRun, ReentryPolicy)> = (0..50)
+                .map(|i| {
+                    (
+                        new(campaign, &format!("N{i}"), &format!("T{i}")),
+                        ReentryPolicy::Once,
+                    )
+                })
+                .collect();
+            let started = runs.start_many(&starts).await.unwrap();
+            assert!(started.iter().all(Option::is_some));
+            // A redelivered tap, and a contact who joined before: held
+            // back, and asked why.
+            assert!(matches!(
+                runs.start(&starts[3].0, ReentryPolicy::Once).await.unwrap(),
+                Started::Before(_)
+            ));
+            let again = new(campaign, &format!("{campaign}-U7"), "T-again");
+            assert!(matches!(
+                runs.start(&again, ReentryPolicy::Once).await.unwrap(),
+                Started::Skipped(_)
+            ));
+            let read = rows_read(&pool).await - before;
+            // Each start reads its contact's runs (none, or one); a plan
+            // that walks the campaign's runs reads 40,000 or more.
+            assert!(
+                read < 1_000,
+                "{campaign}: 52 starts read {read} rows of runs: they walked the campaign's runs"
+            );
+        }
     }
 
     fn advance(run_id: &str, pc: usize, steps: &[&str], end: Option<&str>) -> Advance {
