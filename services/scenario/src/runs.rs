@@ -832,11 +832,12 @@ mod tests {
     use hibiki_runtime::config::{PostgresConfig, Secret};
     use hibiki_testkit::TestDatabase;
 
-    async fn runs(database: &TestDatabase) -> Runs {
+    /// The scenario schema's pool of `connections`, migrated.
+    async fn pool(database: &TestDatabase, connections: u32) -> PgPool {
         let pool = hibiki_runtime::postgres::connect_lazy(
             &PostgresConfig {
                 url: Secret::new(database.url().to_owned()),
-                max_connections: 2,
+                max_connections: connections,
             },
             "scenario",
         )
@@ -844,7 +845,11 @@ mod tests {
         hibiki_runtime::postgres::migrate(&pool, "scenario", &crate::MIGRATOR)
             .await
             .unwrap();
-        Runs::new(pool, Duration::from_secs(60))
+        pool
+    }
+
+    async fn runs(database: &TestDatabase) -> Runs {
+        Runs::new(pool(database, 2).await, Duration::from_secs(60))
     }
 
     fn new(scenario: &str, user: &str, event: &str) -> NewRun {
@@ -942,17 +947,7 @@ mod tests {
         let database = TestDatabase::create().await;
         // One connection: the statements measured and the counters read
         // are the same backend's.
-        let pool = hibiki_runtime::postgres::connect_lazy(
-            &PostgresConfig {
-                url: Secret::new(database.url().to_owned()),
-                max_connections: 1,
-            },
-            "scenario",
-        )
-        .unwrap();
-        hibiki_runtime::postgres::migrate(&pool, "scenario", &crate::MIGRATOR)
-            .await
-            .unwrap();
+        let pool = pool(&database, 1).await;
         let runs = Runs::new(pool.clone(), Duration::from_secs(60));
         let insert = "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id,
                                         channel_id, status, trigger_event_id)
