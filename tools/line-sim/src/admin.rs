@@ -303,6 +303,8 @@ async fn start_storm(State(sim): State<Sim>, raw: Bytes) -> Response {
         let mut s = sim.lock();
         let id = s.storms.keys().next_back().map_or(1, |k| k + 1);
         s.storms.insert(id, StormReport::default());
+        s.storm_chains
+            .insert(id, crate::storm::StormChain::default());
         id
     };
     let channel = spec.channel_id.clone();
@@ -311,12 +313,9 @@ async fn start_storm(State(sim): State<Sim>, raw: Bytes) -> Response {
         Arc::new(move |user: &str| tokens.lock().issue_reply_token(&channel, user));
     let posts = sim.clone();
     let on_accepted: crate::storm::OnAccepted = Arc::new(move |user: &str, at: u64| {
-        posts
-            .lock()
-            .storm_posts
-            .entry(id)
-            .or_default()
-            .push((user.to_owned(), at));
+        if let Some(chain) = posts.lock().storm_chains.get_mut(&id) {
+            chain.post(user, at);
+        }
     });
     let done = sim.clone();
     tokio::spawn(async move {
@@ -329,17 +328,26 @@ async fn start_storm(State(sim): State<Sim>, raw: Bytes) -> Response {
                     ..StormReport::default()
                 }
             });
-        done.lock().storms.insert(id, report);
+        let mut s = done.lock();
+        if let Some(chain) = s.storm_chains.get_mut(&id) {
+            chain.close();
+        }
+        s.storms.insert(id, report);
     });
     (StatusCode::ACCEPTED, Json(json!({ "storm_id": id }))).into_response()
 }
 
 async fn storm(State(sim): State<Sim>, Path(id): Path<u64>) -> Response {
-    let s = sim.lock();
-    match s.storms.get(&id) {
-        Some(r) => {
-            let mut report = r.clone();
-            report.chain = Some(s.chain(id));
+    let found = {
+        let s = sim.lock();
+        s.storms.get(&id).map(|r| {
+            let chain = s.storm_chains.get(&id).map(|c| c.snapshot());
+            (r.clone(), chain.unwrap_or_default())
+        })
+    };
+    match found {
+        Some((mut report, chain)) => {
+            report.chain = Some(chain.report());
             Json(report).into_response()
         }
         None => error(StatusCode::NOT_FOUND, "not_found", format!("storm {id}")),

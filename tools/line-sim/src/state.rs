@@ -225,8 +225,9 @@ pub struct State {
     pub counts: BTreeMap<Endpoint, BTreeMap<u16, u64>>,
     /// Storms started over the admin API, by id.
     pub storms: BTreeMap<u64, crate::storm::StormReport>,
-    /// Each admin storm's accepted webhooks: user and when it was posted.
-    pub storm_posts: BTreeMap<u64, Vec<(String, u64)>>,
+    /// What became of each admin storm's accepted webhooks, kept up to
+    /// date as the ledger grows.
+    pub storm_chains: BTreeMap<u64, crate::storm::StormChain>,
 }
 
 /// Milliseconds since the epoch, now.
@@ -279,7 +280,7 @@ impl State {
             menu_changes: Vec::new(),
             counts: BTreeMap::new(),
             storms: BTreeMap::new(),
-            storm_posts: BTreeMap::new(),
+            storm_chains: BTreeMap::new(),
             config,
         };
         for c in state.config.channels.clone() {
@@ -442,12 +443,20 @@ impl State {
     /// Records a message accepted for `recipient`.
     pub fn record_sent(&mut self, mut m: SentMessage) {
         m.seq = self.sent.len() as u64 + 1;
+        for chain in self.storm_chains.values_mut() {
+            chain.message(&m.recipient, m.at_ms);
+        }
         self.sent.push(m);
     }
 
     /// Links (or with `None` unlinks) a user's rich menu.
     pub fn record_menu(&mut self, mut change: MenuChange) {
         change.seq = self.menu_changes.len() as u64 + 1;
+        if change.rich_menu_id.is_some() {
+            for chain in self.storm_chains.values_mut() {
+                chain.link(&change.user_id, change.at_ms);
+            }
+        }
         let key = (change.channel_id.clone(), change.user_id.clone());
         match &change.rich_menu_id {
             Some(menu) => {
@@ -483,63 +492,7 @@ impl State {
         self.sent.clear();
         self.menu_changes.clear();
         self.counts.clear();
-        self.storm_posts.clear();
-    }
-
-    /// What the mesh did with storm `id`'s accepted webhooks, from the
-    /// ledger: links and messages after each user's webhook, and the time
-    /// from webhook to link.
-    pub fn chain(&self, id: u64) -> crate::storm::ChainReport {
-        let Some(posts) = self.storm_posts.get(&id) else {
-            return crate::storm::ChainReport::default();
-        };
-        let posted: HashMap<&str, u64> = posts.iter().map(|(u, at)| (u.as_str(), *at)).collect();
-        let mut linked: HashMap<&str, u64> = HashMap::new();
-        for c in &self.menu_changes {
-            if c.rich_menu_id.is_some()
-                && let Some(at) = posted.get(c.user_id.as_str())
-                && c.at_ms >= *at
-            {
-                linked.entry(c.user_id.as_str()).or_insert(c.at_ms);
-            }
-        }
-        let mut messages: HashMap<&str, u64> = HashMap::new();
-        for m in &self.sent {
-            if let Some(at) = posted.get(m.recipient.as_str())
-                && m.at_ms >= *at
-            {
-                *messages.entry(m.recipient.as_str()).or_default() += 1;
-            }
-        }
-        let mut latencies: Vec<u64> = linked
-            .iter()
-            .map(|(u, at)| at.saturating_sub(posted[u]))
-            .collect();
-        latencies.sort_unstable();
-        let mut at: Vec<u64> = linked.values().copied().collect();
-        at.sort_unstable();
-        let pick = |v: &[u64], q: f64| -> u64 {
-            if v.is_empty() {
-                return 0;
-            }
-            v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
-        };
-        let (lo, hi) = (pick(&at, 0.1), pick(&at, 0.9));
-        let middle = at.iter().filter(|t| **t >= lo && **t <= hi).count();
-        crate::storm::ChainReport {
-            users: posted.len() as u64,
-            linked: linked.len() as u64,
-            messaged: messages.len() as u64,
-            messaged_twice: messages.values().filter(|n| **n > 1).count() as u64,
-            link_p50_ms: pick(&latencies, 0.5) as f64,
-            link_p99_ms: pick(&latencies, 0.99) as f64,
-            link_max_ms: pick(&latencies, 1.0) as f64,
-            link_rate: if hi > lo {
-                middle as f64 * 1000.0 / (hi - lo) as f64
-            } else {
-                0.0
-            },
-        }
+        self.storm_chains.clear();
     }
 }
 

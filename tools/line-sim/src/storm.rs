@@ -6,6 +6,7 @@
 //! carries one event of one user; the kinds cycle over the users (user `i`
 //! gets `kinds[i % kinds.len()]`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -200,6 +201,149 @@ pub struct ChainReport {
     pub link_rate: f64,
 }
 
+/// What became of one storm's accepted webhooks, kept up to date entry by
+/// entry as the ledger grows (`State::record_menu`, `State::record_sent`),
+/// so that reading a storm's progress never walks the ledger. A storm's
+/// progress is read four times a second while it runs, under the one lock
+/// every LINE call takes.
+#[derive(Debug, Default)]
+pub struct StormChain {
+    /// Each accepted user, and when their webhook was posted (ms).
+    posted: HashMap<String, u64>,
+    /// Users linked to a rich menu at or after their post, and when.
+    linked: HashMap<String, u64>,
+    /// The link times, and webhook → link latencies, as they came.
+    link_at: Vec<u64>,
+    latencies: Vec<u64>,
+    /// Messages each posted user got at or after their post.
+    messages: HashMap<String, u32>,
+    messaged_twice: u64,
+    /// While the storm posts: what the ledger recorded for users not yet
+    /// known to be accepted. The mesh may act on a webhook before the
+    /// generator has read the gateway's answer.
+    early: HashMap<String, Vec<Early>>,
+    /// Every accepted post is in (early entries are no longer kept).
+    closed: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Early {
+    Link(u64),
+    Message(u64),
+}
+
+impl StormChain {
+    /// A user's webhook was accepted; it was posted at `at` (ms).
+    pub fn post(&mut self, user: &str, at: u64) {
+        self.posted.insert(user.to_owned(), at);
+        for early in self.early.remove(user).unwrap_or_default() {
+            match early {
+                Early::Link(t) => self.link(user, t),
+                Early::Message(t) => self.message(user, t),
+            }
+        }
+    }
+
+    /// The ledger recorded a rich menu linked to `user` at `at`.
+    pub fn link(&mut self, user: &str, at: u64) {
+        match self.posted.get(user) {
+            Some(&posted) if at >= posted && !self.linked.contains_key(user) => {
+                self.linked.insert(user.to_owned(), at);
+                self.link_at.push(at);
+                self.latencies.push(at - posted);
+            }
+            Some(_) => {}
+            None if !self.closed => self
+                .early
+                .entry(user.to_owned())
+                .or_default()
+                .push(Early::Link(at)),
+            None => {}
+        }
+    }
+
+    /// The ledger recorded a message to `user` at `at`.
+    pub fn message(&mut self, user: &str, at: u64) {
+        match self.posted.get(user) {
+            Some(&posted) if at >= posted => {
+                let n = self.messages.entry(user.to_owned()).or_default();
+                *n += 1;
+                if *n == 2 {
+                    self.messaged_twice += 1;
+                }
+            }
+            Some(_) => {}
+            None if !self.closed => self
+                .early
+                .entry(user.to_owned())
+                .or_default()
+                .push(Early::Message(at)),
+            None => {}
+        }
+    }
+
+    /// Every accepted post is in: the ledger's entries for other users are
+    /// not this storm's.
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.early = HashMap::new();
+    }
+
+    /// The figures so far, copied out so that the percentiles can be
+    /// worked out after the lock is released.
+    pub fn snapshot(&self) -> ChainSnapshot {
+        ChainSnapshot {
+            users: self.posted.len() as u64,
+            messaged: self.messages.len() as u64,
+            messaged_twice: self.messaged_twice,
+            link_at: self.link_at.clone(),
+            latencies: self.latencies.clone(),
+        }
+    }
+}
+
+/// A storm chain's figures at one moment (`StormChain::snapshot`).
+#[derive(Debug, Clone, Default)]
+pub struct ChainSnapshot {
+    users: u64,
+    messaged: u64,
+    messaged_twice: u64,
+    link_at: Vec<u64>,
+    latencies: Vec<u64>,
+}
+
+impl ChainSnapshot {
+    /// The report: counts, link latency percentiles, and the link rate
+    /// between the 10th and 90th percentile of link times.
+    pub fn report(mut self) -> ChainReport {
+        self.latencies.sort_unstable();
+        self.link_at.sort_unstable();
+        let pick = |v: &[u64], q: f64| -> u64 {
+            if v.is_empty() {
+                return 0;
+            }
+            v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+        };
+        let at = &self.link_at;
+        let (lo, hi) = (pick(at, 0.1), pick(at, 0.9));
+        let middle = at.iter().filter(|t| **t >= lo && **t <= hi).count();
+        ChainReport {
+            users: self.users,
+            linked: self.link_at.len() as u64,
+            messaged: self.messaged,
+            messaged_twice: self.messaged_twice,
+            link_p50_ms: pick(&self.latencies, 0.5) as f64,
+            link_p99_ms: pick(&self.latencies, 0.99) as f64,
+            link_max_ms: pick(&self.latencies, 1.0) as f64,
+            link_rate: if hi > lo {
+                middle as f64 * 1000.0 / (hi - lo) as f64
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 /// Called for each webhook the gateway accepted: the user, and when it was
 /// posted (ms since the epoch).
 pub type OnAccepted = Arc<dyn Fn(&str, u64) + Send + Sync>;
@@ -301,6 +445,33 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storm_chain_counts_what_came_after_each_post_even_before_it_was_known() {
+        let mut chain = StormChain::default();
+        chain.post("U1", 1_000);
+        // Before U1's post: an earlier storm's link, not this one's.
+        chain.link("U1", 999);
+        chain.link("U1", 1_010);
+        chain.link("U1", 1_020);
+        // U2's link and message reach the ledger before its answer does.
+        chain.link("U2", 1_030);
+        chain.message("U2", 1_031);
+        chain.post("U2", 1_000);
+        chain.message("U1", 1_040);
+        chain.message("U1", 1_050);
+        // Once every post is in, other users are not the storm's.
+        chain.close();
+        chain.link("U3", 1_060);
+        chain.post("U3", 1_000);
+        let report = chain.snapshot().report();
+        assert_eq!(report.users, 3);
+        assert_eq!(report.linked, 2);
+        assert_eq!(report.messaged, 2);
+        assert_eq!(report.messaged_twice, 1);
+        assert_eq!(report.link_p50_ms, 10.0);
+        assert_eq!(report.link_max_ms, 30.0);
+    }
 
     #[test]
     fn ulids_are_26_crockford_characters_in_time_order() {
