@@ -6,7 +6,7 @@
 //! carries one event of one user; the kinds cycle over the users (user `i`
 //! gets `kinds[i % kinds.len()]`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -210,8 +210,8 @@ pub struct ChainReport {
 pub struct StormChain {
     /// Each accepted user, and when their webhook was posted (ms).
     posted: HashMap<String, u64>,
-    /// Users linked to a rich menu at or after their post, and when.
-    linked: HashMap<String, u64>,
+    /// Users linked to a rich menu at or after their post.
+    linked: HashSet<String>,
     /// The link times, and webhook → link latencies, as they came.
     link_at: Vec<u64>,
     latencies: Vec<u64>,
@@ -247,18 +247,13 @@ impl StormChain {
     /// The ledger recorded a rich menu linked to `user` at `at`.
     pub fn link(&mut self, user: &str, at: u64) {
         match self.posted.get(user) {
-            Some(&posted) if at >= posted && !self.linked.contains_key(user) => {
-                self.linked.insert(user.to_owned(), at);
+            Some(&posted) if at >= posted && !self.linked.contains(user) => {
+                self.linked.insert(user.to_owned());
                 self.link_at.push(at);
                 self.latencies.push(at - posted);
             }
             Some(_) => {}
-            None if !self.closed => self
-                .early
-                .entry(user.to_owned())
-                .or_default()
-                .push(Early::Link(at)),
-            None => {}
+            None => self.keep_early(user, Early::Link(at)),
         }
     }
 
@@ -273,12 +268,15 @@ impl StormChain {
                 }
             }
             Some(_) => {}
-            None if !self.closed => self
-                .early
-                .entry(user.to_owned())
-                .or_default()
-                .push(Early::Message(at)),
-            None => {}
+            None => self.keep_early(user, Early::Message(at)),
+        }
+    }
+
+    /// Keeps an entry for a user not known to be accepted yet, while posts
+    /// still come in.
+    fn keep_early(&mut self, user: &str, entry: Early) {
+        if !self.closed {
+            self.early.entry(user.to_owned()).or_default().push(entry);
         }
     }
 
