@@ -16,6 +16,19 @@
 //! written `scenario_id || '' = …` so that no index on the scenario can
 //! serve the lookup; so is the run an event started before (the event is
 //! its contact's).
+//!
+//! Statements over a batch go further: each run or contact is its own
+//! `LATERAL (… LIMIT 1)` probe, so that no plan can trade a batch's probes
+//! for one scan of a table it believes small (the storm, 2026-12-01: with
+//! statistics older than the campaign, a quarter of the slow starts and
+//! advances read all of `runs`). An advance then updates the row at the
+//! `ctid` its probe found.
+//!
+//! # History on the run
+//!
+//! A run's executed steps are kept on its own row (`steps`, a JSON array,
+//! migration 0005): an advance rewrites the row anyway, while a row per
+//! step cost an insert, an index entry and a foreign-key check each.
 
 use std::time::Duration;
 
@@ -310,13 +323,15 @@ impl Runs {
                     AS n(tenant_id, run_id, scenario_id, version, line_user_id, channel_id,
                          trigger_event_id, reply_token, reply_until, traceparent, queued,
                          check_any, check_active)
-              WHERE NOT EXISTS (
-                      SELECT 1 FROM runs r
+                    LEFT JOIN LATERAL (
+                      SELECT true AS found FROM runs r
                        WHERE r.tenant_id = n.tenant_id AND r.line_user_id = n.line_user_id
                          AND r.scenario_id || '' = n.scenario_id
                          AND ((n.trigger_event_id <> '' AND r.trigger_event_id = n.trigger_event_id)
                               OR n.check_any
-                              OR (n.check_active AND r.status IN ('running', 'waiting'))))
+                              OR (n.check_active AND r.status IN ('running', 'waiting')))
+                       LIMIT 1) AS earlier ON true
+              WHERE earlier.found IS NULL
              RETURNING ",
             run_columns!()
         ))
@@ -522,10 +537,32 @@ impl Runs {
     /// (it works once); with `end` (`completed` or `stopped`) the run ends
     /// there too. One statement for all of them; at most one advance per
     /// run.
+    ///
+    /// Each run is found key by key (a `LATERAL (… LIMIT 1)` probe of the
+    /// primary key) and updated at the `ctid` the probe found, whatever the
+    /// statistics say (the module's docs say why). A run whose row another
+    /// statement moved between the probe and the update (a timer claiming
+    /// it, say) is not updated by it, so those are probed again.
     pub async fn advance_many(&self, advances: &[Advance]) -> Result<()> {
-        if advances.is_empty() {
-            return Ok(());
+        let mut pending: Vec<&Advance> = advances.iter().collect();
+        for _ in 0..3 {
+            if pending.is_empty() {
+                break;
+            }
+            let updated = self.advance_where_found(&pending).await?;
+            let mut k = 0;
+            pending.retain(|_| {
+                k += 1;
+                updated.binary_search(&(k as i64)).is_err()
+            });
         }
+        // Whatever is left has no row: a run of a tenant erased meanwhile.
+        Ok(())
+    }
+
+    /// One statement of [`Runs::advance_many`]: the positions (from 1) of
+    /// the advances written.
+    async fn advance_where_found(&self, advances: &[&Advance]) -> Result<Vec<i64>> {
         let tenants: Vec<&str> = advances.iter().map(|a| a.tenant_id.as_str()).collect();
         let run_ids: Vec<&str> = advances.iter().map(|a| a.run_id.as_str()).collect();
         let pcs: Vec<i32> = advances.iter().map(|a| a.pc as i32).collect();
@@ -541,37 +578,37 @@ impl Runs {
                 details.push(detail);
             }
         }
-        sqlx::query(
+        let mut updated: Vec<i64> = sqlx::query_scalar(
             "WITH input AS (
                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bool[], $5::text[])
                         WITH ORDINALITY AS x(tenant_id, run_id, pc, reply_used, end_status, k)),
              steps AS (
-               SELECT s.k, s.step_id, s.detail,
-                      row_number() OVER (PARTITION BY s.k ORDER BY s.n) AS pos,
-                      count(*) OVER (PARTITION BY s.k) AS total
+               SELECT s.k,
+                      jsonb_agg(jsonb_build_object('step', s.step_id, 'at', now(),
+                                                   'detail', s.detail, 'ok', true)
+                                ORDER BY s.n) AS entries,
+                      (array_agg(s.step_id ORDER BY s.n DESC))[1] AS last_step
                  FROM unnest($6::int8[], $7::text[], $8::text[])
-                      WITH ORDINALITY AS s(k, step_id, detail, n)),
-             u AS (
-               UPDATE runs r SET pc = i.pc,
-                      current_step_id = COALESCE(
-                        (SELECT st.step_id FROM steps st WHERE st.k = i.k AND st.pos = st.total),
-                        r.current_step_id),
-                      reply_token = CASE WHEN i.reply_used THEN '' ELSE r.reply_token END,
-                      status = COALESCE(i.end_status, r.status),
-                      finished_at = CASE WHEN i.end_status IS NULL THEN NULL ELSE now() END,
-                      lease_until = CASE WHEN i.end_status IS NULL
-                                         THEN now() + make_interval(secs => $9) END
+                      WITH ORDINALITY AS s(k, step_id, detail, n)
+                GROUP BY s.k),
+             target AS (
+               SELECT i.*, st.entries, st.last_step, p.loc
                  FROM input i
-                WHERE r.tenant_id = i.tenant_id AND r.run_id = i.run_id
-               RETURNING r.tenant_id, r.run_id, i.k),
-             base AS (
-               SELECT u.tenant_id, u.run_id, u.k,
-                      COALESCE((SELECT max(seq) FROM run_steps rs
-                                 WHERE rs.tenant_id = u.tenant_id AND rs.run_id = u.run_id), 0) AS seq
-                 FROM u)
-             INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
-             SELECT b.tenant_id, b.run_id, b.seq + st.pos, st.step_id, st.detail, true
-               FROM base b JOIN steps st ON st.k = b.k",
+                 LEFT JOIN steps st ON st.k = i.k
+                 CROSS JOIN LATERAL (SELECT ctid AS loc FROM runs
+                                      WHERE tenant_id = i.tenant_id AND run_id = i.run_id
+                                      LIMIT 1) AS p)
+             UPDATE runs r SET pc = t.pc,
+                    current_step_id = COALESCE(t.last_step, r.current_step_id),
+                    steps = r.steps || COALESCE(t.entries, '[]'::jsonb),
+                    reply_token = CASE WHEN t.reply_used THEN '' ELSE r.reply_token END,
+                    status = COALESCE(t.end_status, r.status),
+                    finished_at = CASE WHEN t.end_status IS NULL THEN NULL ELSE now() END,
+                    lease_until = CASE WHEN t.end_status IS NULL
+                                       THEN now() + make_interval(secs => $9) END
+               FROM target t
+              WHERE r.ctid = t.loc
+             RETURNING t.k",
         )
         .bind(&tenants)
         .bind(&run_ids)
@@ -582,9 +619,10 @@ impl Runs {
         .bind(&step_ids)
         .bind(&details)
         .bind(self.lease_secs())
-        .execute(&mut *self.connection().await?)
+        .fetch_all(&mut *self.connection().await?)
         .await?;
-        Ok(())
+        updated.sort_unstable();
+        Ok(updated)
     }
 
     /// Writes a group of advances in one statement, or each alone if the
@@ -639,25 +677,22 @@ impl Runs {
             Resume::At { hour, minute, zone } => (0.0, *hour as i32, *minute as i32, zone.clone()),
         };
         let (until,): (DateTime<Utc>,) = sqlx::query_as(
-            "WITH u AS (
-               UPDATE runs SET status = 'waiting', pc = $5, current_step_id = $3,
-                      lease_until = CASE WHEN $7 < 0 THEN now() + make_interval(secs => $6)
+            "WITH next AS (
+               SELECT CASE WHEN $7 < 0 THEN now() + make_interval(secs => $6)
                         ELSE (SELECT CASE WHEN t > now() THEN t ELSE t + interval '1 day' END
                                 FROM (SELECT (date_trunc('day', now() AT TIME ZONE $9)
                                               + make_interval(hours => $7, mins => $8))
-                                             AT TIME ZONE $9 AS t) AS next)
-                      END
-                WHERE tenant_id = $1 AND run_id = $2
-               RETURNING tenant_id, run_id, lease_until),
-             h AS (
-               INSERT INTO run_steps (tenant_id, run_id, seq, step_id, detail, ok)
-               SELECT u.tenant_id, u.run_id,
-                      (SELECT COALESCE(max(seq), 0) + 1 FROM run_steps s
-                        WHERE s.tenant_id = u.tenant_id AND s.run_id = u.run_id),
-                      $3, $4 || to_char(u.lease_until AT TIME ZONE 'UTC',
-                                        'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), true
-                 FROM u)
-             SELECT lease_until FROM u",
+                                             AT TIME ZONE $9 AS t) AS local)
+                      END AS until)
+             UPDATE runs SET status = 'waiting', pc = $5, current_step_id = $3,
+                    lease_until = next.until,
+                    steps = steps || jsonb_build_array(jsonb_build_object(
+                      'step', $3::text, 'at', now(), 'ok', true,
+                      'detail', $4 || to_char(next.until AT TIME ZONE 'UTC',
+                                              'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')))
+               FROM next
+              WHERE tenant_id = $1 AND run_id = $2
+             RETURNING lease_until",
         )
         .bind(&run.tenant_id)
         .bind(&run.run_id)
@@ -729,8 +764,9 @@ impl Runs {
             )));
         };
         let steps: Vec<(String, DateTime<Utc>, String, bool)> = sqlx::query_as(
-            "SELECT step_id, executed_at, detail, ok FROM run_steps
-              WHERE tenant_id = $1 AND run_id = $2 ORDER BY seq",
+            "SELECT e->>'step', (e->>'at')::timestamptz, e->>'detail', (e->>'ok')::bool
+               FROM runs, jsonb_array_elements(steps) WITH ORDINALITY AS h(e, n)
+              WHERE tenant_id = $1 AND run_id = $2 ORDER BY n",
         )
         .bind(tenant_id)
         .bind(run_id)
@@ -808,12 +844,12 @@ impl Runs {
         .fetch_one(&self.pool)
         .await?;
         let steps: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT s.step_id, count(DISTINCT s.run_id)
-               FROM runs r JOIN run_steps s ON s.tenant_id = r.tenant_id AND s.run_id = r.run_id
+            "SELECT h.e->>'step', count(DISTINCT r.run_id)
+               FROM runs r CROSS JOIN LATERAL jsonb_array_elements(r.steps) AS h(e)
               WHERE r.tenant_id = $1 AND r.scenario_id = $2 AND ($3 = 0 OR r.version = $3)
                 AND ($4::timestamptz IS NULL OR r.started_at >= $4)
                 AND ($5::timestamptz IS NULL OR r.started_at < $5)
-              GROUP BY s.step_id",
+              GROUP BY 1",
         )
         .bind(tenant_id)
         .bind(scenario_id)
