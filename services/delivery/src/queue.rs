@@ -170,14 +170,15 @@ impl Keys {
 /// KEYS: idem, job, stream, delayed. ARGV: job id, ttl ms, max queue length,
 /// call, due ms (0: now), then the job's fields (tenant, kind, channel,
 /// idempotency key, recipients, whether its recipients are still being
-/// listed (1/0): a broadcast's). Returns {status, job id}: 1 queued, 0 a
-/// repeat (the existing job), 2 the queue is full.
+/// listed (1/0): a broadcast's). Returns {status, job id, created ms,
+/// updated ms}: 1 queued (the new job, made at Redis's clock), 0 a repeat
+/// (the existing job), 2 the queue is full.
 pub static ENQUEUE: Script = Script::new(
     r#"
 local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
+if existing then return {0, existing, 0, 0} end
 if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then
-  return {2, ''}
+  return {2, '', 0, 0}
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -192,7 +193,7 @@ if due > now then
 else
   redis.call('XADD', KEYS[3], '*', 'c', ARGV[4])
 end
-return {1, ARGV[1]}
+return {1, ARGV[1], now, now}
 "#,
 );
 
@@ -212,18 +213,22 @@ return {1, ARGV[1]}
 /// the batch (as if this job opens it). ARGV: job id, ttl ms, max queue
 /// length, header, part, menu id, most users in a bulk link, then the
 /// job's fields (tenant, kind, channel, idempotency key). Returns {status,
-/// job id} as [`ENQUEUE`] does.
+/// job id, created ms, updated ms} as [`ENQUEUE`] does; a link's progress is
+/// its bulk link's, so it was last updated when the bulk link opened.
 pub static ENQUEUE_LINK: Script = Script::new(
     r#"
 local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
+if existing then return {0, existing, 0, 0} end
 if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then
-  return {2, ''}
+  return {2, '', 0, 0}
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local batch = redis.call('HGET', KEYS[6], ARGV[6])
-if not batch then
+local opened = now
+if batch then
+  opened = tonumber(redis.call('ZSCORE', KEYS[7], ARGV[6]))
+else
   batch = ARGV[1]
   redis.call('HSET', KEYS[6], ARGV[6], batch)
   redis.call('ZADD', KEYS[7], now, ARGV[6])
@@ -244,7 +249,7 @@ if redis.call('RPUSH', KEYS[5], ARGV[5]) - 1 >= tonumber(ARGV[7]) then
   redis.call('HDEL', KEYS[6], ARGV[6])
   redis.call('ZREM', KEYS[7], ARGV[6])
 end
-return {1, ARGV[1]}
+return {1, ARGV[1], now, opened}
 "#,
 );
 

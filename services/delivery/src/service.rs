@@ -132,7 +132,7 @@ impl Delivery {
             kind.as_str_name().to_owned(),
             recipients.to_string(),
         );
-        let (status, existing): (i64, String) = self
+        let (status, existing, created_ms, updated_ms): (i64, String, i64, i64) = self
             .keys
             .redis()
             .script(
@@ -153,8 +153,17 @@ impl Delivery {
                 ],
             )
             .await?;
-        self.queued(status, &existing, &q, kind, &call.tenant_id, &job_id)
-            .await
+        let created = NewJob {
+            tenant_id: &call.tenant_id,
+            channel_id: &call.channel_id,
+            job_id: &job_id,
+            kind,
+            idempotency_key,
+            recipients: recipients as i64,
+            created_ms,
+            updated_ms,
+        };
+        self.queued(status, &existing, &q, created).await
     }
 
     /// Queues a link job into its menu's bulk link being gathered
@@ -196,7 +205,7 @@ impl Delivery {
             MAX_RECIPIENTS.to_string(),
         );
         let kind = JobKind::LinkRichMenu;
-        let (status, existing): (i64, String) = self
+        let (status, existing, created_ms, updated_ms): (i64, String, i64, i64) = self
             .keys
             .redis()
             .script(
@@ -220,20 +229,30 @@ impl Delivery {
         if status == 1 {
             metrics::counter!("hibiki_delivery_coalesced_total").increment(1);
         }
-        self.queued(status, &existing, &q, kind, &header.tenant_id, &job_id)
-            .await
+        let created = NewJob {
+            tenant_id: &header.tenant_id,
+            channel_id: &header.channel_id,
+            job_id: &job_id,
+            kind,
+            idempotency_key,
+            recipients: 1,
+            created_ms,
+            updated_ms,
+        };
+        self.queued(status, &existing, &q, created).await
     }
 
-    /// After an enqueue script: the job, or why there is none.
+    /// After an enqueue script: the job, or why there is none. A new job is
+    /// answered as the script made it (queued, nothing sent yet), without
+    /// reading it back: one Redis round trip less per call, two for a link.
     async fn queued(
         &self,
         status: i64,
         existing: &str,
         q: &QueueId,
-        kind: JobKind,
-        tenant_id: &str,
-        job_id: &str,
+        created: NewJob<'_>,
     ) -> Result<Job> {
+        let kind = created.kind;
         match status {
             2 => {
                 return Err(Error::ResourceExhausted(format!(
@@ -242,7 +261,7 @@ impl Delivery {
                 )));
             }
             0 => {
-                return self.job(tenant_id, existing).await;
+                return self.job(created.tenant_id, existing).await;
             }
             _ => {}
         }
@@ -252,7 +271,7 @@ impl Delivery {
             .command(redis::cmd("SADD").arg(self.keys.active()).arg(q.member()))
             .await?;
         metrics::counter!("hibiki_delivery_jobs_total", "kind" => kind.as_str_name()).increment(1);
-        self.job(tenant_id, job_id).await
+        Ok(created.job())
     }
 
     /// A job of the tenant.
@@ -409,6 +428,40 @@ fn check_user(user: &str, field: &str) -> Result<()> {
 
 fn authorize<T>(request: &Request<T>, tenant_id: &str) -> std::result::Result<(), Status> {
     Caller::authorize_request(request, tenant_id)
+}
+
+/// A job an enqueue script has just made: queued, no attempt yet.
+struct NewJob<'a> {
+    tenant_id: &'a str,
+    channel_id: &'a str,
+    job_id: &'a str,
+    kind: JobKind,
+    idempotency_key: &'a str,
+    recipients: i64,
+    /// When the script made it, by Redis's clock.
+    created_ms: i64,
+    /// When its progress was last updated: when it was made, or for a
+    /// gathered link when its bulk link opened.
+    updated_ms: i64,
+}
+
+impl NewJob<'_> {
+    /// The job as [`Delivery::job`] would read it back.
+    fn job(&self) -> Job {
+        let at = |ms| timestamp::from_millis(ms).map(timestamp::to_proto);
+        Job {
+            tenant_id: self.tenant_id.to_owned(),
+            job_id: self.job_id.to_owned(),
+            kind: self.kind as i32,
+            status: JobStatus::Queued as i32,
+            channel_id: self.channel_id.to_owned(),
+            idempotency_key: self.idempotency_key.to_owned(),
+            recipients_total: self.recipients,
+            created_at: at(self.created_ms),
+            updated_at: at(self.updated_ms),
+            ..Default::default()
+        }
+    }
 }
 
 fn base_call(tenant_id: &str, channel_id: &str, kind: CallKind) -> QueuedCall {

@@ -155,11 +155,7 @@ pub fn start(
     shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     let b: [u8; 6] = rand::rng().random();
-    let name = format!(
-        "{}-{}",
-        std::process::id(),
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    );
+    let name = format!("{}-{}", std::process::id(), hex::encode(b));
     let ctx = Arc::new(Ctx {
         keys,
         line,
