@@ -210,13 +210,7 @@ pub fn run_id(tenant_id: &str, scenario_id: &str, event_id: &str) -> String {
         h.update(p.as_bytes());
     }
     let d = h.finalize();
-    format!(
-        "run_{}",
-        d[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
+    format!("run_{}", hex::encode(&d[..12]))
 }
 
 /// Consumer batches a log consumer works on at once (see `consume`).

@@ -64,10 +64,7 @@ macro_rules! select {
 
 fn new_id() -> String {
     let b: [u8; 8] = rand::rng().random();
-    format!(
-        "sc_{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+    format!("sc_{}", hex::encode(b))
 }
 
 fn not_found(tenant_id: &str, scenario_id: &str) -> ServiceError {

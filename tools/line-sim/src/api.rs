@@ -307,7 +307,7 @@ fn sent_messages(n: usize) -> Vec<Value> {
         .map(|_| {
             let id: u64 = rng.random_range(100_000_000_000_000_000..999_999_999_999_999_999);
             let quote: [u8; 12] = rng.random();
-            let quote: String = quote.iter().map(|b| format!("{b:02x}")).collect();
+            let quote = hex::encode(quote);
             json!({"id": id.to_string(), "quoteToken": quote})
         })
         .collect()

@@ -241,7 +241,7 @@ pub fn now_ms() -> u64 {
 /// A fresh id in UUID form (LINE's request ids look like this).
 pub fn new_request_id() -> String {
     let b: [u8; 16] = rand::rng().random();
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let h = hex::encode(b);
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],
@@ -255,10 +255,7 @@ pub fn new_request_id() -> String {
 /// A fresh rich menu id, as LINE makes them (`richmenu-` and 32 hex).
 pub fn new_rich_menu_id() -> String {
     let b: [u8; 16] = rand::rng().random();
-    format!(
-        "richmenu-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+    format!("richmenu-{}", hex::encode(b))
 }
 
 impl State {
@@ -415,7 +412,7 @@ impl State {
     /// Hands out a reply token for a webhook event of `user_id`.
     pub fn issue_reply_token(&mut self, channel_id: &str, user_id: &str) -> String {
         let b: [u8; 16] = rand::rng().random();
-        let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let token = hex::encode(b);
         self.reply_tokens.insert(
             token.clone(),
             ReplyToken {
