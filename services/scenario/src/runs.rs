@@ -1128,4 +1128,93 @@ mod tests {
             assert_eq!(run.status, RunStatus::Completed as i32);
         }
     }
+
+    #[tokio::test]
+    async fn migration_0005_moves_each_runs_history_onto_its_row_in_order() {
+        let database = TestDatabase::create().await;
+        let pool = PgPool::connect(database.url()).await.unwrap();
+        for sql in [
+            include_str!("../migrations/0001_scenarios.sql"),
+            include_str!("../migrations/0002_runs.sql"),
+            include_str!("../migrations/0003_runs_per_contact_and_scenario.sql"),
+            include_str!("../migrations/0004_starts_look_up_the_contact.sql"),
+        ] {
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        }
+        // Two runs with history, written out of order, and one without.
+        sqlx::raw_sql(
+            "INSERT INTO runs (tenant_id, run_id, scenario_id, version, line_user_id, channel_id, status)
+             VALUES ('acme', 'r1', 's', 1, 'U1', '1', 'completed'),
+                    ('acme', 'r2', 's', 1, 'U2', '1', 'waiting'),
+                    ('acme', 'r3', 's', 1, 'U3', '1', 'running');
+             INSERT INTO run_steps (tenant_id, run_id, seq, step_id, executed_at, detail, ok)
+             VALUES ('acme', 'r1', 2, 'menu', '2026-12-01T10:00:01Z', 'linked', true),
+                    ('acme', 'r1', 1, 'tag', '2026-12-01T10:00:00Z', 'tagged', true),
+                    ('acme', 'r1', 3, 'thanks', '2026-12-01T10:00:02Z', 'refused', false),
+                    ('acme', 'r2', 1, 'wait', '2026-12-01T11:00:00Z', 'waiting until …', true);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::raw_sql(include_str!("../migrations/0005_history_on_the_run.sql"))
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        let runs = Runs::new(pool.clone(), Duration::from_secs(60));
+        let history = |run: &Run| -> Vec<(String, String, bool, i64)> {
+            run.history
+                .iter()
+                .map(|s| {
+                    (
+                        s.step_id.clone(),
+                        s.detail.clone(),
+                        s.ok,
+                        s.executed_at.as_ref().unwrap().seconds,
+                    )
+                })
+                .collect()
+        };
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap().timestamp();
+        let r1 = runs.get("acme", "r1").await.unwrap();
+        assert_eq!(
+            history(&r1),
+            [
+                (
+                    "tag".into(),
+                    "tagged".into(),
+                    true,
+                    at("2026-12-01T10:00:00Z")
+                ),
+                (
+                    "menu".into(),
+                    "linked".into(),
+                    true,
+                    at("2026-12-01T10:00:01Z")
+                ),
+                (
+                    "thanks".into(),
+                    "refused".into(),
+                    false,
+                    at("2026-12-01T10:00:02Z")
+                ),
+            ]
+        );
+        let r2 = runs.get("acme", "r2").await.unwrap();
+        assert_eq!(
+            history(&r2),
+            [(
+                "wait".into(),
+                "waiting until …".into(),
+                true,
+                at("2026-12-01T11:00:00Z")
+            )]
+        );
+        assert!(runs.get("acme", "r3").await.unwrap().history.is_empty());
+        let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('run_steps')::text")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(table, None, "run_steps is dropped");
+    }
 }
