@@ -101,7 +101,7 @@ impl Config {
             backoff_base: r.millis("HIBIKI_DELIVERY_BACKOFF_MS", Duration::from_millis(500))?,
             backoff_cap: r.millis("HIBIKI_DELIVERY_BACKOFF_CAP_MS", Duration::from_secs(60))?,
             pause_on_429: r.millis("HIBIKI_DELIVERY_PAUSE_ON_429_MS", Duration::from_secs(1))?,
-            channel_concurrency: r.positive("HIBIKI_DELIVERY_CHANNEL_CONCURRENCY", 128)?,
+            channel_concurrency: r.positive("HIBIKI_DELIVERY_CHANNEL_CONCURRENCY", 512)?,
             bulk_concurrency: r.positive("HIBIKI_DELIVERY_BULK_CONCURRENCY", 16)?,
             coalesce_window: r.millis("HIBIKI_DELIVERY_COALESCE_MS", Duration::from_millis(5))?,
             rate_share: share,

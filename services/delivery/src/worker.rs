@@ -64,7 +64,11 @@ pub struct WorkerConfig {
     pub backoff_cap: Duration,
     /// How long a channel's endpoint waits after LINE answered 429.
     pub pause_on_429: Duration,
-    /// Calls in flight per channel queue.
+    /// Calls in flight per channel queue. A tap's reply is a LINE call of
+    /// its own, and the switches' bulk links queue behind them: at 128 the
+    /// campaign storm's replies held its links back on a busy machine (the
+    /// storm bench, 2026-12-02: link p50 15.1 s at 128, 8.8-9.4 s at 512).
+    /// LINE's rate limits, not this, set the pace.
     pub channel_concurrency: usize,
     /// Calls in flight for all bulk queues of this worker.
     pub bulk_concurrency: usize,
@@ -90,7 +94,7 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(60),
             pause_on_429: Duration::from_secs(1),
-            channel_concurrency: 128,
+            channel_concurrency: 512,
             bulk_concurrency: 16,
             coalesce_window: Duration::from_millis(5),
             rate_share: 0.98,
