@@ -14,6 +14,7 @@ pub mod deadletters;
 pub mod error;
 pub mod keys;
 pub mod line;
+pub mod pace;
 pub mod queue;
 pub mod service;
 pub mod worker;

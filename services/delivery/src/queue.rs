@@ -377,30 +377,34 @@ return #due
 "#,
 );
 
-/// Takes up to ARGV[3] requests from a GCRA limit. KEYS: state, pause.
-/// ARGV: emission interval (µs), tolerance (µs), wanted. Returns {granted,
-/// ms to wait before asking again}.
-pub static ACQUIRE: Script = Script::new(
+/// Reserves up to ARGV[3] requests at a GCRA limit, each at its own time
+/// from now on, so that one round trip paces many calls. KEYS: state,
+/// pause. ARGV: emission interval (µs), tolerance (µs), wanted, horizon
+/// (µs: no request is reserved further ahead than this).
+///
+/// Returns {reserved, offset}: request i (from 0) may go `offset + i *
+/// interval` µs after the script ran (a negative time means at once); with
+/// nothing reserved, `offset` is how long to wait before asking again (µs:
+/// the channel's endpoint is paused after a 429, or reserved beyond the
+/// horizon by other callers).
+pub static RESERVE: Script = Script::new(
     r#"
 local paused = redis.call('PTTL', KEYS[2])
-if paused > 0 then return {0, paused} end
+if paused > 0 then return {0, paused * 1000} end
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local granted = 0
-while granted < tonumber(ARGV[3]) and tat - now <= tolerance do
-  tat = tat + interval
-  granted = granted + 1
-end
-if granted > 0 then
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-end
-local wait = 0
-if tat - now > tolerance then wait = math.ceil((tat - now - tolerance) / 1000) end
-return {granted, wait}
+local first = tat - tolerance - now
+local room = math.floor((horizon - first) / interval) + 1
+local n = math.min(tonumber(ARGV[3]), room)
+if n < 1 then return {0, first - horizon} end
+tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {n, first}
 "#,
 );
 

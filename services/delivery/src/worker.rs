@@ -19,7 +19,9 @@
 //!    replaces its sources in one script, so it is retried as the unit that
 //!    was sent.
 //! 4. Each call waits for the channel's shared rate limit for its endpoint
-//!    (GCRA in Redis, a little under LINE's numbers), then is sent, and
+//!    (GCRA in Redis, a little under LINE's numbers; the calls waiting at
+//!    one limit reserve their times together, [`crate::pace`]), then is
+//!    sent, and
 //!    settled by LINE's answer: sent (2xx, 409), retried with backoff and
 //!    jitter (5xx, timeout), paused without spending an attempt (429: the
 //!    whole endpoint of the channel waits), or dead-lettered (other 4xx,
@@ -48,6 +50,7 @@ use tokio::sync::Semaphore;
 use crate::deadletters::DeadLetters;
 use crate::keys;
 use crate::line::{Answer, LineApi, Verdict, endpoint_of};
+use crate::pace::{Pace, Pacers};
 use crate::queue::{self, Class, GROUP, Keys, QueueId};
 
 /// How the workers behave.
@@ -145,6 +148,8 @@ struct Ctx {
     /// This worker's name in leases and the consumer group.
     name: String,
     bulk: Semaphore,
+    /// This replica's turns at the shared rate limits.
+    pacers: Pacers,
     shutdown: Shutdown,
 }
 
@@ -169,6 +174,7 @@ pub fn start(
         bulk: Semaphore::new(config.bulk_concurrency.max(1)),
         config,
         name,
+        pacers: Pacers::default(),
         shutdown,
     });
     tokio::spawn(dispatch(ctx))
@@ -735,38 +741,19 @@ async fn seal_due(ctx: &Ctx, q: &QueueId) {
     }
 }
 
-/// Waits until the channel's limit for `endpoint` lets one call through.
+/// Waits until the channel's limit for `endpoint` lets one call through
+/// ([`Pacer::acquire`]).
 async fn acquire(ctx: &Ctx, channel_id: &str, endpoint: Endpoint) {
-    let limit = ctx.config.limit(endpoint);
-    let interval_us = 1e6 / (limit.rate() * ctx.config.rate_share);
-    // A burst of at most 1 % of a second's calls (at least one).
-    let tolerance_us = (interval_us * (limit.rate() / 100.0).max(1.0)).round();
-    let (interval, tolerance) = (format!("{interval_us:.0}"), format!("{tolerance_us:.0}"));
+    let pace = Pace::new(ctx.config.limit(endpoint), ctx.config.rate_share);
     let keys = [
         ctx.keys.rate(channel_id, endpoint.name()),
         ctx.keys.pause(channel_id, endpoint.name()),
     ];
     let started = Instant::now();
-    loop {
-        let result: Result<(i64, i64), _> = ctx
-            .keys
-            .redis()
-            .script(
-                &queue::ACQUIRE,
-                &[&keys[0], &keys[1]],
-                &[interval.as_bytes(), tolerance.as_bytes(), b"1"],
-            )
-            .await;
-        let wait = match result {
-            Ok((granted, _)) if granted > 0 => break,
-            Ok((_, wait)) => Duration::from_millis(wait.max(1) as u64),
-            Err(e) => {
-                tracing::debug!(error = %e, "rate limit unreadable; waiting");
-                Duration::from_millis(100)
-            }
-        };
-        tokio::time::sleep(wait).await;
-    }
+    ctx.pacers
+        .get(channel_id, endpoint)
+        .acquire(ctx.keys.redis(), [&keys[0], &keys[1]], pace)
+        .await;
     metrics::histogram!("hibiki_delivery_rate_wait_seconds", "endpoint" => endpoint.name())
         .record(started.elapsed().as_secs_f64());
 }
@@ -998,6 +985,7 @@ async fn send(ctx: Arc<Ctx>, q: QueueId, from: String, id: String, mut call: Que
                         .arg(pause.as_millis() as u64),
                 )
                 .await;
+            ctx.pacers.get(&call.channel_id, endpoint).pause(pause);
             metrics::counter!("hibiki_delivery_rate_limited_total", "endpoint" => endpoint.name())
                 .increment(1);
             let later = Settle::Later {
