@@ -27,10 +27,12 @@
 //!    whole endpoint of the channel waits), or dead-lettered (other 4xx,
 //!    or the last attempt).
 //!
-//! Every channel's queue runs on its own, with its own limit and at most
-//! `channel_concurrency` calls in flight, so one tenant's backlog never
-//! holds up another's taps; bulk queues (segment broadcasts) also share a
-//! small pool of send permits.
+//! Every channel's queue runs on its own, with its own limits and at most
+//! `channel_concurrency` calls in flight per LINE endpoint (the rest read
+//! ahead and held in order, [`Lanes`]), so one tenant's backlog never holds
+//! up another's taps, and replies held at LINE's reply limit never hold up
+//! the same channel's rich-menu switches; bulk queues (segment broadcasts)
+//! also share a small pool of send permits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -67,9 +69,10 @@ pub struct WorkerConfig {
     pub backoff_cap: Duration,
     /// How long a channel's endpoint waits after LINE answered 429.
     pub pause_on_429: Duration,
-    /// Calls in flight per channel queue. A tap's reply is a LINE call of
-    /// its own, and the switches' bulk links queue behind them: at 128 the
-    /// campaign storm's replies held its links back on a busy machine (the
+    /// Calls in flight per channel queue and LINE endpoint; a queue reads
+    /// up to 16 times this ahead. A tap's reply is a LINE call of its own,
+    /// and a storm's replies wait at LINE's reply limit: at 128 calls per
+    /// queue (all endpoints) they held the switches' bulk links back (the
     /// storm bench, 2026-12-02: link p50 15.1 s at 128, 8.8-9.4 s at 512).
     /// LINE's rate limits, not this, set the pace.
     pub channel_concurrency: usize,
@@ -417,7 +420,7 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
     }
     // Each call is its own task: a call waiting for the limit or for LINE
     // never stands in the way of this loop, nor this loop in its way.
-    let mut inflight = tokio::task::JoinSet::new();
+    let mut lanes = Lanes::new(ctx.clone(), q.clone());
     // Calls a previous owner left pending, claimed first (merged ones
     // before the rest): each stream with its XAUTOCLAIM cursor.
     let mut reclaim: Vec<(String, String)> = vec![
@@ -432,22 +435,9 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
     let mut idle_since: Option<Instant> = None;
     let mut nap = Duration::from_millis(2);
     // A read takes up to a bulk link's worth, so that a backlog merges into
-    // full bulk links; the in-flight bound is checked before each read.
-    let batch = MAX_RECIPIENTS;
-    let spawn =
-        |inflight: &mut tokio::task::JoinSet<()>, from: &str, id: String, call: QueuedCall| {
-            if call.kind() == CallKind::ExpandSegment {
-                inflight.spawn(expand(ctx.clone(), q.clone(), from.to_owned(), id, call));
-            } else {
-                inflight.spawn(traced_send(
-                    ctx.clone(),
-                    q.clone(),
-                    from.to_owned(),
-                    id,
-                    call,
-                ));
-            }
-        };
+    // full bulk links, and never more than the read-ahead has room for.
+    let read_ahead = ctx.config.channel_concurrency * READ_AHEAD;
+    let room = |lanes: &Lanes| MAX_RECIPIENTS.min(read_ahead.saturating_sub(lanes.len()));
     loop {
         if ctx.shutdown.is_triggered() {
             break;
@@ -472,9 +462,10 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                 )
                 .await;
         }
-        while inflight.try_join_next().is_some() {}
-        if inflight.len() >= ctx.config.channel_concurrency {
-            inflight.join_next().await;
+        lanes.reap();
+        let batch = room(&lanes);
+        if batch == 0 {
+            lanes.join_next().await;
             continue;
         }
         if let Some((key, cursor)) = reclaim.first().cloned() {
@@ -486,7 +477,7 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                         reclaim[0].1 = next;
                     }
                     for (id, call) in calls {
-                        spawn(&mut inflight, &key, id, call);
+                        lanes.push(&key, id, call);
                     }
                 }
                 Err(e) => {
@@ -512,7 +503,11 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
         };
         let had_merged = !ready.is_empty();
         for (id, call) in ready {
-            spawn(&mut inflight, &merged, id, call);
+            lanes.push(&merged, id, call);
+        }
+        let batch = room(&lanes);
+        if batch == 0 {
+            continue;
         }
         let mut calls = match read_new(&ctx, &stream, batch).await {
             Ok(c) => c,
@@ -526,14 +521,14 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
             if had_merged {
                 continue;
             }
-            if inflight.is_empty() {
+            if lanes.is_empty() {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= Duration::from_secs(1) && release_if_empty(&ctx, &q).await {
                     return;
                 }
             }
             tokio::select! {
-                _ = inflight.join_next(), if !inflight.is_empty() => {}
+                () = lanes.join_next(), if !lanes.is_empty() => {}
                 () = tokio::time::sleep(nap) => {}
             }
             nap = (nap * 2).min(Duration::from_millis(20));
@@ -569,14 +564,144 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
                             .increment(ids.len() as u64);
                     }
                 }
-                Action::Send(id, call) => spawn(&mut inflight, &stream, id, call),
+                Action::Send(id, call) => lanes.push(&stream, id, call),
             }
         }
     }
     // Stopping: let the calls in flight finish and settle, then hand the
     // queue over at once.
-    while inflight.join_next().await.is_some() {}
+    // Calls held behind their endpoint's bound stay pending in the group:
+    // the queue's next owner claims them.
+    lanes.drain().await;
     release(&ctx, &q).await;
+}
+
+/// How many calls a channel queue reads ahead of those it sends, as a
+/// multiple of `channel_concurrency`.
+const READ_AHEAD: usize = 16;
+
+/// A call read from a queue and held until its endpoint has room.
+struct Held {
+    from: String,
+    id: String,
+    call: QueuedCall,
+}
+
+/// A channel queue's calls between reading and settling, in one lane per
+/// LINE endpoint: at most `channel_concurrency` calls of an endpoint in
+/// flight (waiting at its rate limit, or for LINE), the rest held in order.
+/// Calls held at one endpoint's limit (a storm's replies, at LINE's 2,000
+/// a second) so never hold back another endpoint's (the storm's switches,
+/// which leave as bulk links under a limit of their own).
+struct Lanes {
+    ctx: Arc<Ctx>,
+    q: QueueId,
+    inflight: tokio::task::JoinSet<()>,
+    /// The endpoint of each call in flight, by its task.
+    lane_of: HashMap<tokio::task::Id, Endpoint>,
+    running: HashMap<Endpoint, usize>,
+    held: HashMap<Endpoint, std::collections::VecDeque<Held>>,
+    held_count: usize,
+}
+
+impl Lanes {
+    fn new(ctx: Arc<Ctx>, q: QueueId) -> Self {
+        Self {
+            ctx,
+            q,
+            inflight: tokio::task::JoinSet::new(),
+            lane_of: HashMap::new(),
+            running: HashMap::new(),
+            held: HashMap::new(),
+            held_count: 0,
+        }
+    }
+
+    /// Calls read and not yet settled.
+    fn len(&self) -> usize {
+        self.inflight.len() + self.held_count
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends `call` (read from the stream `from`) now if its endpoint has
+    /// room, else holds it behind that endpoint's other calls.
+    fn push(&mut self, from: &str, id: String, call: QueuedCall) {
+        let endpoint = endpoint_of(&call);
+        let running = self.running.entry(endpoint).or_default();
+        if *running >= self.ctx.config.channel_concurrency {
+            let held = Held {
+                from: from.to_owned(),
+                id,
+                call,
+            };
+            self.held.entry(endpoint).or_default().push_back(held);
+            self.held_count += 1;
+            return;
+        }
+        *running += 1;
+        self.spawn(endpoint, from.to_owned(), id, call);
+    }
+
+    fn spawn(&mut self, endpoint: Endpoint, from: String, id: String, call: QueuedCall) {
+        let (ctx, q) = (self.ctx.clone(), self.q.clone());
+        let task = if call.kind() == CallKind::ExpandSegment {
+            self.inflight.spawn(expand(ctx, q, from, id, call))
+        } else {
+            self.inflight.spawn(traced_send(ctx, q, from, id, call))
+        };
+        self.lane_of.insert(task.id(), endpoint);
+    }
+
+    /// A call of `endpoint` settled: the next one held there goes.
+    fn finished(&mut self, endpoint: Endpoint) {
+        if let Some(next) = self.held.get_mut(&endpoint).and_then(|h| h.pop_front()) {
+            self.held_count -= 1;
+            self.spawn(endpoint, next.from, next.id, next.call);
+        } else if let Some(running) = self.running.get_mut(&endpoint) {
+            *running = running.saturating_sub(1);
+        }
+    }
+
+    /// Takes note of the calls that settled since last asked.
+    fn reap(&mut self) {
+        while let Some(done) = self.inflight.try_join_next_with_id() {
+            self.settled(done);
+        }
+    }
+
+    /// Waits for one call to settle (forever, with none in flight).
+    async fn join_next(&mut self) {
+        match self.inflight.join_next_with_id().await {
+            Some(done) => self.settled(done),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn settled(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let task = match done {
+            Ok((task, ())) => task,
+            // The call's entry stays pending and is claimed again.
+            Err(e) => {
+                tracing::error!(queue = %self.q.member(), error = %e, "a call's task failed");
+                e.id()
+            }
+        };
+        if let Some(endpoint) = self.lane_of.remove(&task) {
+            self.finished(endpoint);
+        }
+    }
+
+    /// Lets the calls in flight finish and settle; the held ones are left.
+    async fn drain(&mut self) {
+        self.held.clear();
+        self.held_count = 0;
+        while self.inflight.join_next().await.is_some() {}
+        self.lane_of.clear();
+        self.running.clear();
+    }
 }
 
 fn decode(entries: Vec<streams::Entry>) -> Vec<Read> {

@@ -624,6 +624,79 @@ async fn one_tenants_backlog_does_not_hold_up_anothers_messages() {
 }
 
 #[tokio::test]
+async fn a_switch_is_not_held_behind_messages_waiting_at_their_limit() {
+    // Pushes limited to 50 a second; 64 calls in flight per endpoint, so a
+    // queue reads up to 1,024 ahead. This replica takes requests and sends
+    // nothing.
+    let mut sim = SimConfig::default();
+    sim.limits.insert(Endpoint::Push, Limit::per_second(50));
+    let mesh = Mesh::start(
+        sim,
+        &[
+            ("HIBIKI_DELIVERY_LIMITS", "push=50/s"),
+            ("HIBIKI_DELIVERY_COALESCE_MS", "0"),
+            ("HIBIKI_DELIVERY_CHANNEL_CONCURRENCY", "64"),
+            ("HIBIKI_DELIVERY_WORKERS", "false"),
+        ],
+    )
+    .await
+    .with_delivery()
+    .await;
+    let menu = mesh
+        .sim
+        .sim()
+        .create_rich_menu(ACME_CHANNEL, "campaign", None);
+    let mut client = mesh.client();
+    // 700 different pushes: 14 s at the push limit, more than one read of
+    // the queue takes.
+    for n in 0..700 {
+        client
+            .send(push(
+                ACME,
+                ACME_CHANNEL,
+                &format!("p{n}"),
+                &user(n),
+                &format!("offer {n}"),
+            ))
+            .await
+            .unwrap();
+    }
+    // A switch queued behind them, in the same channel's queue.
+    let job = client
+        .link_rich_menu(LinkRichMenuRequest {
+            tenant_id: ACME.into(),
+            channel_id: ACME_CHANNEL.into(),
+            idempotency_key: "switch".into(),
+            user_id: user(5000),
+            menu: Some(link_rich_menu_request::Menu::RichMenuId(menu.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A sending replica starts: the switch leaves under the link limit at
+    // once, not after the pushes ahead of it.
+    let mut env = mesh.env.clone();
+    env.insert("HIBIKI_DELIVERY_WORKERS".into(), "true".into());
+    let (_url, _sender, _task) = lifecycle::start::<hibiki_delivery::Application>(&env).await;
+    let done = finished(&mut client, ACME, &job.job_id, Duration::from_secs(30)).await;
+    assert_eq!(done.status(), JobStatus::Succeeded, "{done:?}");
+    let pushed = mesh.sent().len();
+    assert!(
+        pushed < 300,
+        "the switch was linked after {pushed} of the 700 pushes queued before it"
+    );
+    let linked = mesh
+        .sim
+        .sim()
+        .lock()
+        .user_menus
+        .get(&(ACME_CHANNEL.to_owned(), user(5000)))
+        .cloned();
+    assert_eq!(linked, Some(menu));
+    assert_eq!(mesh.count(Endpoint::Push, 429), 0);
+}
+
+#[tokio::test]
 async fn a_429_pauses_the_channel_without_spending_attempts() {
     let mesh = Mesh::start(
         SimConfig::default(),
