@@ -6,7 +6,7 @@
 //! | key | what |
 //! |---|---|
 //! | `<p>:dq:{ch}:q:<class>` | the ready queue: a stream of `QueuedCall`s (field `c`), read by the consumer group `delivery` |
-//! | `<p>:dq:{ch}:q:<class>:merged` | calls coalesced from the ready queue (same group), read first |
+//! | `<p>:dq:{ch}:q:<class>:merged` | calls coalesced from the ready queue, and gathered bulk links (same group), read first |
 //! | `<p>:dq:{ch}:q:<class>:delayed` | retries and held sends: a sorted set of `QueuedCall`s by due time (ms) |
 //! | `<p>:dq:{ch}:q:<class>:open`, `…:opened`, `…:open:<menu>` | bulk links being gathered as links are queued (see [`ENQUEUE_LINK`]) |
 //! | `<p>:dq:{ch}:batch:<batch>` | a gathered bulk link's progress, which its jobs report |
@@ -209,8 +209,12 @@ return {1, ARGV[1], now, now}
 /// header (every field but the parts), then each part as an encoded
 /// `parts` field. Concatenated, they are the call.
 ///
+/// A bulk link is queued on the merged stream, which the queue's owner reads
+/// before the ready queue: a storm's switches go ahead of the replies and
+/// pushes waiting there for their own limit.
+///
 /// KEYS: idem, job, stream, delayed, open links (this menu), open, opened,
-/// the batch (as if this job opens it). ARGV: job id, ttl ms, max queue
+/// the batch (as if this job opens it), merged stream. ARGV: job id, ttl ms, max queue
 /// length, header, part, menu id, most users in a bulk link, then the
 /// job's fields (tenant, kind, channel, idempotency key). Returns {status,
 /// job id, created ms, updated ms} as [`ENQUEUE`] does; a link's progress is
@@ -219,7 +223,8 @@ pub static ENQUEUE_LINK: Script = Script::new(
     r#"
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing, 0, 0} end
-if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then
+if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) + redis.call('XLEN', KEYS[9])
+  >= tonumber(ARGV[3]) then
   return {2, '', 0, 0}
 end
 local t = redis.call('TIME')
@@ -244,7 +249,7 @@ redis.call('HSET', KEYS[2], 'tenant', ARGV[8], 'kind', ARGV[9], 'channel', ARGV[
   'created', now, 'updated', now, 'expanding', 0, 'batch', batch)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 if redis.call('RPUSH', KEYS[5], ARGV[5]) - 1 >= tonumber(ARGV[7]) then
-  redis.call('XADD', KEYS[3], '*', 'c', table.concat(redis.call('LRANGE', KEYS[5], 0, -1)))
+  redis.call('XADD', KEYS[9], '*', 'c', table.concat(redis.call('LRANGE', KEYS[5], 0, -1)))
   redis.call('DEL', KEYS[5])
   redis.call('HDEL', KEYS[6], ARGV[6])
   redis.call('ZREM', KEYS[7], ARGV[6])
@@ -253,8 +258,9 @@ return {1, ARGV[1], now, opened}
 "#,
 );
 
-/// Queues the open bulk link to one menu as one call, if it opened at least
-/// ARGV[2] ms ago. KEYS: open links (the menu), open, opened, stream. ARGV:
+/// Queues the open bulk link to one menu as one call (on the merged stream,
+/// as [`ENQUEUE_LINK`] does), if it opened at least ARGV[2] ms ago. KEYS:
+/// open links (the menu), open, opened, merged stream. ARGV:
 /// menu id, window ms. Returns the users queued (0: not due or none).
 pub static SEAL: Script = Script::new(
     r#"

@@ -190,6 +190,7 @@ impl Delivery {
             self.keys.open(&q),
             self.keys.opened(&q),
             self.keys.batch(&header.channel_id, &job_id),
+            self.keys.merged(&q),
         ];
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         // The part as an encoded `parts` field: appended to the header's

@@ -10,7 +10,8 @@
 //! 2. Rich menu links to one menu are gathered into a bulk link as they
 //!    are queued (`queue::ENQUEUE_LINK`): a full bulk link of 500 is queued
 //!    by the link that fills it, and the owner seals a partial one a
-//!    coalescing window after it opened. The bulk link has one progress
+//!    coalescing window after it opened, both on the merged stream, which
+//!    is read before the ready queue. The bulk link has one progress
 //!    record, which its jobs report, so draining a backlog costs Redis one
 //!    entry and one record per 500 users.
 //! 3. New calls are read in batches. Identical pushes to users, and
@@ -849,14 +850,14 @@ async fn seal_due(ctx: &Ctx, q: &QueueId) {
             return;
         }
     };
-    let (open, stream) = (ctx.keys.open(q), ctx.keys.stream(q));
+    let (open, merged) = (ctx.keys.open(q), ctx.keys.merged(q));
     let window = ctx.config.coalesce_window.as_millis().to_string();
     for menu in menus {
         let links = ctx.keys.open_links(q, &menu);
         if let Err(e) = redis
             .script::<i64>(
                 &queue::SEAL,
-                &[&links, &open, &opened, &stream],
+                &[&links, &open, &opened, &merged],
                 &[menu.as_bytes(), window.as_bytes()],
             )
             .await

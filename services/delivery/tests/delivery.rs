@@ -625,8 +625,8 @@ async fn one_tenants_backlog_does_not_hold_up_anothers_messages() {
 
 #[tokio::test]
 async fn a_switch_is_not_held_behind_messages_waiting_at_their_limit() {
-    // Pushes limited to 50 a second; 64 calls in flight per endpoint, so a
-    // queue reads up to 1,024 ahead. This replica takes requests and sends
+    // Pushes limited to 50 a second; 8 calls in flight per endpoint, so a
+    // queue reads up to 128 ahead. This replica takes requests and sends
     // nothing.
     let mut sim = SimConfig::default();
     sim.limits.insert(Endpoint::Push, Limit::per_second(50));
@@ -635,7 +635,7 @@ async fn a_switch_is_not_held_behind_messages_waiting_at_their_limit() {
         &[
             ("HIBIKI_DELIVERY_LIMITS", "push=50/s"),
             ("HIBIKI_DELIVERY_COALESCE_MS", "0"),
-            ("HIBIKI_DELIVERY_CHANNEL_CONCURRENCY", "64"),
+            ("HIBIKI_DELIVERY_CHANNEL_CONCURRENCY", "8"),
             ("HIBIKI_DELIVERY_WORKERS", "false"),
         ],
     )
@@ -647,8 +647,8 @@ async fn a_switch_is_not_held_behind_messages_waiting_at_their_limit() {
         .sim()
         .create_rich_menu(ACME_CHANNEL, "campaign", None);
     let mut client = mesh.client();
-    // 700 different pushes: 14 s at the push limit, more than one read of
-    // the queue takes.
+    // 700 different pushes: 14 s at the push limit, more than the queue
+    // reads ahead.
     for n in 0..700 {
         client
             .send(push(
@@ -673,8 +673,9 @@ async fn a_switch_is_not_held_behind_messages_waiting_at_their_limit() {
         .await
         .unwrap()
         .into_inner();
-    // A sending replica starts: the switch leaves under the link limit at
-    // once, not after the pushes ahead of it.
+    // A sending replica starts: the switch (a bulk link of one, read before
+    // the queue's other calls) leaves under the link limit at once, not
+    // after the pushes ahead of it.
     let mut env = mesh.env.clone();
     env.insert("HIBIKI_DELIVERY_WORKERS".into(), "true".into());
     let (_url, _sender, _task) = lifecycle::start::<hibiki_delivery::Application>(&env).await;
