@@ -329,3 +329,72 @@ async fn edits_arriving_together_are_each_answered_as_if_written_alone() {
         .counts;
     assert_eq!(counts[0].member_count, i64::from(N));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_sent_many_times_at_once_is_written_once() {
+    const USERS_AT_ONCE: u32 = 60;
+    const REPEATS: usize = 8;
+    let c = Contacts::start().await;
+    c.tenant(T).await;
+    let vip = c
+        .segments()
+        .create_segment(CreateSegmentRequest {
+            tenant_id: T.into(),
+            name: "vip".into(),
+            rule: Some(has_tag("vip")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment_id;
+    // Every contact's tag sent REPEATS times at once with one key (a
+    // caller retrying before its first answer came back), among the others'
+    // edits, so that the repeats land in groups written side by side.
+    let mut calls = Vec::new();
+    for _ in 0..REPEATS {
+        for n in 0..USERS_AT_ONCE {
+            let mut client = c.contacts();
+            calls.push(async move {
+                let answer = client
+                    .add_tags(AddTagsRequest {
+                        contact: contact(T, n),
+                        tags: vec!["vip".into()],
+                        idempotency_key: format!("once-{n}"),
+                    })
+                    .await
+                    .expect("tagged")
+                    .into_inner();
+                (n, answer)
+            });
+        }
+    }
+    let answers = futures::future::join_all(calls).await;
+    for n in 0..USERS_AT_ONCE {
+        let mine: Vec<_> = answers
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, a)| a)
+            .collect();
+        let written: Vec<_> = mine.iter().filter(|a| !a.replayed).collect();
+        assert_eq!(written.len(), 1, "once-{n} written {} times", written.len());
+        assert_eq!(written[0].membership_changes.len(), 1, "{:?}", written[0]);
+        for a in &mine {
+            assert_eq!(
+                a.membership_changes, written[0].membership_changes,
+                "once-{n}"
+            );
+        }
+    }
+    let counts = c
+        .segments()
+        .get_segment_counts(GetSegmentCountsRequest {
+            tenant_id: T.into(),
+            segment_ids: vec![vip],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts;
+    assert_eq!(counts[0].member_count, i64::from(USERS_AT_ONCE));
+}
