@@ -351,10 +351,11 @@ async fn one_key_sent_many_times_at_once_is_written_once() {
     // Every contact's tag sent REPEATS times at once with one key (a
     // caller retrying before its first answer came back), among the others'
     // edits, so that the repeats land in groups written side by side.
+    let client = c.contacts();
     let mut calls = Vec::new();
     for _ in 0..REPEATS {
         for n in 0..USERS_AT_ONCE {
-            let mut client = c.contacts();
+            let mut client = client.clone();
             calls.push(async move {
                 let answer = client
                     .add_tags(AddTagsRequest {
