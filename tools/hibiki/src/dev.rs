@@ -111,7 +111,7 @@ async fn start(args: &DevArgs, shared: &RuntimeConfig) -> Result<(), DevError> {
     let sim = start_line_sim(args).await?;
     let mut running = Vec::new();
     let line = sim.api_url();
-    running.push(launch::<hibiki_gateway::Application>(args, 0, &line, &shutdown).await?);
+    running.push(launch_apart::<hibiki_gateway::Application>(args, 0, &line, &shutdown).await?);
     running.push(launch::<hibiki_contacts::Application>(args, 1, &line, &shutdown).await?);
     running.push(launch::<hibiki_scenario::Application>(args, 2, &line, &shutdown).await?);
     running.push(launch::<hibiki_delivery::Application>(args, 3, &line, &shutdown).await?);
@@ -329,13 +329,9 @@ async fn seed_scenarios(scenario: &Running, shared: &RuntimeConfig) -> Result<Ve
     Ok(names)
 }
 
-/// Builds service `S` on the `index`-th ports and runs it in the background.
-async fn launch<S: Service>(
-    args: &DevArgs,
-    index: u16,
-    line_api_url: &str,
-    shutdown: &Shutdown,
-) -> Result<Running, DevError> {
+/// The settings of service `S` on the `index`-th ports: over the process's
+/// environment, its addresses and its peers' on their dev ports.
+fn service_env<S: Service>(args: &DevArgs, index: u16, line_api_url: &str) -> Overlay<ProcessEnv> {
     let grpc = SocketAddr::new(args.host, args.grpc_port + index);
     let metrics = SocketAddr::new(args.host, args.metrics_port + index);
     // Each service finds the others on their dev ports.
@@ -346,7 +342,7 @@ async fn launch<S: Service>(
     } else {
         args.http_port
     };
-    let env = Overlay::new(ProcessEnv)
+    Overlay::new(ProcessEnv)
         .set("HIBIKI_GRPC_ADDR", grpc.to_string())
         .set("HIBIKI_METRICS_ADDR", metrics.to_string())
         .set(
@@ -371,7 +367,17 @@ async fn launch<S: Service>(
             format!("http://{}", SocketAddr::new(args.host, args.grpc_port + 3)),
         )
         // delivery calls line-sim, not LINE.
-        .set("HIBIKI_LINE_API_URL", line_api_url);
+        .set("HIBIKI_LINE_API_URL", line_api_url)
+}
+
+/// Builds service `S` on the `index`-th ports and runs it in the background.
+async fn launch<S: Service>(
+    args: &DevArgs,
+    index: u16,
+    line_api_url: &str,
+    shutdown: &Shutdown,
+) -> Result<Running, DevError> {
+    let env = service_env::<S>(args, index, line_api_url);
     let config = S::config_from_env(&env)?;
     let name = S::DEFAULTS.name;
     let app = S::build(config)
@@ -379,6 +385,61 @@ async fn launch<S: Service>(
         .map_err(|source| DevError::Start { name, source })?;
     let (grpc, metrics) = (app.grpc_addr(), app.metrics_addr());
     let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    Ok(Running {
+        name,
+        grpc,
+        metrics,
+        task,
+    })
+}
+
+/// Worker threads of the runtime the gateway has to itself in `hibiki dev`.
+const GATEWAY_THREADS: usize = 1;
+
+/// [`launch`], on a runtime of the service's own ([`GATEWAY_THREADS`]
+/// worker threads), as it runs in production: in a process of its own. The
+/// gateway must answer LINE within 2 s whatever the rest of the mesh is
+/// doing; on the mesh's shared runtime a webhook's task queued behind the
+/// thousands of tasks a storm gives scenario and delivery.
+async fn launch_apart<S: Service>(
+    args: &DevArgs,
+    index: u16,
+    line_api_url: &str,
+    shutdown: &Shutdown,
+) -> Result<Running, DevError> {
+    let env = service_env::<S>(args, index, line_api_url);
+    let config = S::config_from_env(&env)?;
+    let name = S::DEFAULTS.name;
+    let (built, started) = tokio::sync::oneshot::channel();
+    let (stopped, ended) = tokio::sync::oneshot::channel();
+    let stop = shutdown.clone();
+    std::thread::Builder::new()
+        .name(format!("{name}-runtime"))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(GATEWAY_THREADS)
+                .thread_name(format!("{name}-worker"))
+                .enable_all()
+                .build()
+                .expect("building the service's tokio runtime");
+            runtime.block_on(async move {
+                let app = match S::build(config).await {
+                    Ok(app) => app,
+                    Err(e) => {
+                        let _ = built.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = built.send(Ok((app.grpc_addr(), app.metrics_addr())));
+                let _ = stopped.send(app.run_until_stopped(stop).await);
+            });
+        })
+        .expect("starting the service's thread");
+    let (grpc, metrics) = started
+        .await
+        .expect("the service's thread answers")
+        .map_err(|source| DevError::Start { name, source })?;
+    let task = tokio::spawn(async move { ended.await.unwrap_or(Ok(())) });
     Ok(Running {
         name,
         grpc,
