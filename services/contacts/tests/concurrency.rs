@@ -30,6 +30,35 @@ fn has_tag(tag: &str) -> SegmentRule {
     }
 }
 
+/// The segment of contacts tagged `vip` in tenant `T`.
+async fn vip_segment(c: &Contacts) -> String {
+    c.segments()
+        .create_segment(CreateSegmentRequest {
+            tenant_id: T.into(),
+            name: "vip".into(),
+            rule: Some(has_tag("vip")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment_id
+}
+
+/// The maintained count of `segment` in tenant `T`.
+async fn member_count(c: &Contacts, segment: &str) -> i64 {
+    c.segments()
+        .get_segment_counts(GetSegmentCountsRequest {
+            tenant_id: T.into(),
+            segment_ids: vec![segment.to_owned()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts[0]
+        .member_count
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_on_a_hot_segment_leave_exact_counts() {
     let c = Contacts::start().await;
@@ -228,18 +257,7 @@ async fn edits_arriving_together_are_each_answered_as_if_written_alone() {
     const N: u32 = 150;
     let c = Contacts::start().await;
     c.tenant(T).await;
-    let vip = c
-        .segments()
-        .create_segment(CreateSegmentRequest {
-            tenant_id: T.into(),
-            name: "vip".into(),
-            rule: Some(has_tag("vip")),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .segment_id;
+    let vip = vip_segment(&c).await;
     let tag = |n: u32, key: String| {
         let mut client = c.contacts();
         async move {
@@ -317,17 +335,7 @@ async fn edits_arriving_together_are_each_answered_as_if_written_alone() {
             "tag-{n}"
         );
     }
-    let counts = c
-        .segments()
-        .get_segment_counts(GetSegmentCountsRequest {
-            tenant_id: T.into(),
-            segment_ids: vec![vip],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .counts;
-    assert_eq!(counts[0].member_count, i64::from(N));
+    assert_eq!(member_count(&c, &vip).await, i64::from(N));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -336,18 +344,7 @@ async fn one_key_sent_many_times_at_once_is_written_once() {
     const REPEATS: usize = 8;
     let c = Contacts::start().await;
     c.tenant(T).await;
-    let vip = c
-        .segments()
-        .create_segment(CreateSegmentRequest {
-            tenant_id: T.into(),
-            name: "vip".into(),
-            rule: Some(has_tag("vip")),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .segment_id;
+    let vip = vip_segment(&c).await;
     // Every contact's tag sent REPEATS times at once with one key (a
     // caller retrying before its first answer came back), among the others'
     // edits, so that the repeats land in groups written side by side.
@@ -387,15 +384,5 @@ async fn one_key_sent_many_times_at_once_is_written_once() {
             );
         }
     }
-    let counts = c
-        .segments()
-        .get_segment_counts(GetSegmentCountsRequest {
-            tenant_id: T.into(),
-            segment_ids: vec![vip],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .counts;
-    assert_eq!(counts[0].member_count, i64::from(USERS_AT_ONCE));
+    assert_eq!(member_count(&c, &vip).await, i64::from(USERS_AT_ONCE));
 }

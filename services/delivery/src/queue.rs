@@ -214,9 +214,9 @@ return {1, ARGV[1], now, now}
 /// pushes waiting there for their own limit.
 ///
 /// KEYS: idem, job, stream, delayed, open links (this menu), open, opened,
-/// the batch (as if this job opens it), merged stream. ARGV: job id, ttl ms, max queue
-/// length, header, part, menu id, most users in a bulk link, then the
-/// job's fields (tenant, kind, channel, idempotency key). Returns {status,
+/// the batch (as if this job opens it), merged stream. ARGV: job id, ttl
+/// ms, max queue length (ready, merged and delayed together), header, part,
+/// menu id, most users in a bulk link, then the job's fields (tenant, kind, channel, idempotency key). Returns {status,
 /// job id, created ms, updated ms} as [`ENQUEUE`] does; a link's progress is
 /// its bulk link's, so it was last updated when the bulk link opened.
 pub static ENQUEUE_LINK: Script = Script::new(

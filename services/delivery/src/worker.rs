@@ -22,11 +22,10 @@
 //! 4. Each call waits for the channel's shared rate limit for its endpoint
 //!    (GCRA in Redis, a little under LINE's numbers; the calls waiting at
 //!    one limit reserve their times together, [`crate::pace`]), then is
-//!    sent, and
-//!    settled by LINE's answer: sent (2xx, 409), retried with backoff and
-//!    jitter (5xx, timeout), paused without spending an attempt (429: the
-//!    whole endpoint of the channel waits), or dead-lettered (other 4xx,
-//!    or the last attempt).
+//!    sent, and settled by LINE's answer: sent (2xx, 409), retried with
+//!    backoff and jitter (5xx, timeout), paused without spending an attempt
+//!    (429: the whole endpoint of the channel waits), or dead-lettered
+//!    (other 4xx, or the last attempt).
 //!
 //! Every channel's queue runs on its own, with its own limits and at most
 //! `channel_concurrency` calls in flight per LINE endpoint (the rest read
@@ -570,9 +569,8 @@ async fn run_queue(ctx: Arc<Ctx>, q: QueueId) {
         }
     }
     // Stopping: let the calls in flight finish and settle, then hand the
-    // queue over at once.
-    // Calls held behind their endpoint's bound stay pending in the group:
-    // the queue's next owner claims them.
+    // queue over at once. Calls held behind their endpoint's bound stay
+    // pending in the group: the queue's next owner claims them.
     lanes.drain().await;
     release(&ctx, &q).await;
 }
