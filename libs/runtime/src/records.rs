@@ -10,7 +10,9 @@
 //! - **At-least-once.** Records stay pending in the group until
 //!   [`RecordReader::ack`]; a reader that takes the lease first hands out
 //!   the group's pending records (those a dead reader never acknowledged),
-//!   then new ones. Consumers dedupe on the record's own id.
+//!   then new ones. A consumer counts each entry once by remembering, with
+//!   its effects, the id of the last entry it took (analytics'
+//!   `stream_positions`).
 //! - **Never blocking Redis.** Reads do not use `BLOCK` (the connection is
 //!   shared); an empty read waits `poll` before the next.
 
@@ -76,6 +78,11 @@ impl RecordReader {
             cursor: "0".into(),
             held: false,
         }
+    }
+
+    /// The stream read (its full key).
+    pub fn stream(&self) -> &str {
+        &self.stream
     }
 
     fn lease_key(&self) -> String {

@@ -331,6 +331,13 @@ pub mod streams {
         ))
     }
 
+    /// An entry id (`<ms>-<seq>`) as two numbers, which order as the
+    /// stream does; `None` for anything else.
+    pub fn position(id: &str) -> Option<(i64, i64)> {
+        let (ms, seq) = id.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    }
+
     /// Entries' (id, value of `field`); entries without it (deleted while
     /// pending) are skipped.
     pub fn entries(value: redis::Value, field: &str) -> Result<Vec<Entry>, redis::RedisError> {
@@ -420,6 +427,17 @@ mod tests {
         })
         .unwrap();
         assert_eq!(r.key(&["events", "{3}"]), "t1:events:{3}");
+    }
+
+    #[test]
+    fn stream_positions_order_as_the_stream_does() {
+        let p = streams::position;
+        assert_eq!(p("1700000000000-7"), Some((1_700_000_000_000, 7)));
+        assert!(p("1700000000000-10") > p("1700000000000-9"));
+        assert!(p("1700000000001-0") > p("1700000000000-99"));
+        for bad in ["", "12", "12-", "-3", "a-1", "1-b", "1-2-3"] {
+            assert_eq!(p(bad), None, "{bad}");
+        }
     }
 
     #[test]

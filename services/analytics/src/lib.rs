@@ -2,15 +2,15 @@
 //! the inbound event log into live counters and per-minute rollups in
 //! PostgreSQL, and pushes segment counts to watchers.
 //!
-//! - **Sources.** `<prefix>:contacts:membership` (field `p`, a
+//! - **Sources.** `<prefix>:contacts:{membership}` (field `p`, a
 //!   `MembershipChangeRecord`) and `<prefix>:delivery:outcomes` (field `o`,
 //!   a `DeliveryOutcomeRecord`), each read in order by one replica at a
 //!   time ([`hibiki_runtime::records`]); the event log through the shared
 //!   consumer API (group `analytics`).
-//! - **Exact.** Each batch is folded in one statement that remembers the
-//!   records' ids ([`fold`]): a replay, a crash before the acknowledgement,
-//!   or a restart counts nothing twice; a stopped analytics catches up from
-//!   the streams when it comes back.
+//! - **Exact.** Each batch is folded in one transaction that moves each
+//!   stream's position past the entries it counted ([`fold`]): a replay, a
+//!   crash before the acknowledgement, or a restart counts nothing twice; a
+//!   stopped analytics catches up from the streams when it comes back.
 //! - **Off the realtime path.** Nothing waits on analytics: the streams are
 //!   written whether or not it reads them (each keeps about a million
 //!   records).
@@ -33,7 +33,7 @@ use hibiki_runtime::config::Reader;
 use hibiki_runtime::eventlog::{Consumer, ConsumerConfig, EventLog, EventLogConfig};
 use hibiki_runtime::grpc::GrpcRoutes;
 use hibiki_runtime::records::RecordReader;
-use hibiki_runtime::redis::Redis;
+use hibiki_runtime::redis::{Redis, streams};
 use hibiki_runtime::{
     ConfigError, Env, HostError, Migrated, Needs, RuntimeConfig, ServiceDefaults, ServiceHost,
     Shutdown,
@@ -189,7 +189,7 @@ impl Service for Application {
         let name = ConsumerConfig::new("analytics").name;
         let membership = RecordReader::new(
             self.redis.clone(),
-            self.redis.key(&["contacts", "membership"]),
+            self.redis.key(&["contacts", "{membership}"]),
             "analytics",
             &name,
             "p",
@@ -289,17 +289,22 @@ async fn records(
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
         let folded = match source {
             Source::Membership => {
-                let records = decode::<MembershipChangeRecord>(&entries, source);
-                let traces: Vec<_> = records.iter().filter_map(|r| r.trace.clone()).collect();
-                let folded = fold.memberships(records).await;
+                let reads =
+                    decode::<MembershipChangeRecord>(reader.stream(), &entries, source.name());
+                let traces: Vec<_> = reads
+                    .iter()
+                    .filter_map(|r| r.record.trace.clone())
+                    .collect();
+                let folded = fold.memberships(reads).await;
                 if folded.is_ok() {
                     counted_in_traces(&traces);
                 }
                 folded.map(|c| c.len() as u64)
             }
             Source::Outcomes => {
-                let records = decode::<DeliveryOutcomeRecord>(&entries, source);
-                fold.outcomes(records).await
+                let reads =
+                    decode::<DeliveryOutcomeRecord>(reader.stream(), &entries, source.name());
+                fold.outcomes(reads).await
             }
         };
         match folded {
@@ -336,14 +341,31 @@ fn counted_in_traces(traces: &[hibiki_proto::common::v1::TraceContext]) {
     }
 }
 
-fn decode<M: Message + Default>(entries: &[(String, Vec<u8>)], source: Source) -> Vec<M> {
+/// The records of `stream`'s entries, each with its position; an entry
+/// that cannot be read is logged and skipped (the next one's position
+/// passes it).
+fn decode<M: Message + Default>(
+    stream: &str,
+    entries: &[(String, Vec<u8>)],
+    source: &str,
+) -> Vec<fold::Read<M>> {
     entries
         .iter()
-        .filter_map(|(id, payload)| match M::decode(payload.as_slice()) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::error!(source = source.name(), entry = %id, error = %e, "undecodable record skipped");
-                None
+        .filter_map(|(id, payload)| {
+            let Some(at) = streams::position(id) else {
+                tracing::error!(source, entry = %id, "entry with an unreadable id skipped");
+                return None;
+            };
+            match M::decode(payload.as_slice()) {
+                Ok(record) => Some(fold::Read {
+                    stream: stream.to_owned(),
+                    at,
+                    record,
+                }),
+                Err(e) => {
+                    tracing::error!(source, entry = %id, error = %e, "undecodable record skipped");
+                    None
+                }
             }
         })
         .collect()
@@ -355,7 +377,7 @@ async fn events(log: EventLog, fold: fold::Fold, migrated: Migrated, stop: Shutd
         () = stop.cancelled() => return,
         () = migrated.wait() => {}
     }
-    let consumer = Consumer::start(log, ConsumerConfig::new("analytics"));
+    let consumer = Consumer::start(log.clone(), ConsumerConfig::new("analytics"));
     loop {
         let batch = tokio::select! {
             () = stop.cancelled() => break,
@@ -370,9 +392,17 @@ async fn events(log: EventLog, fold: fold::Fold, migrated: Migrated, stop: Shutd
                 continue;
             }
         };
-        let events: Vec<InboundEvent> = deliveries
+        let events: Vec<fold::Read<InboundEvent>> = deliveries
             .iter()
-            .filter_map(|d| InboundEvent::decode(d.payload.as_slice()).ok())
+            .filter_map(|d| {
+                let at = streams::position(&d.id)?;
+                let record = InboundEvent::decode(d.payload.as_slice()).ok()?;
+                Some(fold::Read {
+                    stream: log.stream_key(d.shard),
+                    at,
+                    record,
+                })
+            })
             .collect();
         let mut wait = Duration::from_millis(100);
         while let Err(e) = fold.events(events.clone()).await {

@@ -13,6 +13,7 @@ use hibiki_proto::analytics::v1::{
     WatchSegmentCountsRequest,
 };
 use hibiki_proto::common::v1::{ContactRef, InboundEvent, Source, SourceType};
+use hibiki_proto::contacts::v1::MembershipChangeRecord;
 use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
 use hibiki_proto::contacts::v1::segment_rule::Node;
 use hibiki_proto::contacts::v1::segment_service_client::SegmentServiceClient;
@@ -41,7 +42,7 @@ type Channel = tonic::service::interceptor::InterceptedService<
 >;
 
 struct Mesh {
-    _database: TestDatabase,
+    database: TestDatabase,
     env: HashMap<String, String>,
     contacts: String,
     analytics: String,
@@ -79,7 +80,7 @@ async fn mesh() -> Mesh {
     })
     .unwrap();
     let mut mesh = Mesh {
-        _database: database,
+        database,
         env,
         contacts,
         analytics: String::new(),
@@ -200,8 +201,36 @@ impl Mesh {
         assert_eq!(self.analytics_count(segment).await, Some(want));
     }
 
+    /// Waits until analytics' group has read `stream` through `last` and
+    /// acknowledged all of it.
+    async fn read_through(&self, stream: &str, last: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let groups: Vec<HashMap<String, redis::Value>> = self
+                .redis
+                .command(redis::cmd("XINFO").arg("GROUPS").arg(stream))
+                .await
+                .unwrap();
+            let group = groups
+                .iter()
+                .find(|g| g.get("name") == Some(&redis::Value::BulkString(b"analytics".to_vec())))
+                .expect("analytics' group");
+            let delivered: String =
+                redis::from_redis_value(group["last-delivered-id"].clone()).unwrap();
+            let pending: i64 = redis::from_redis_value(group["pending"].clone()).unwrap();
+            if delivered == last && pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "analytics read {stream} through {delivered} ({pending} pending), not {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn membership_stream(&self) -> String {
-        self.redis.key(&["contacts", "membership"])
+        self.redis.key(&["contacts", "{membership}"])
     }
 }
 
@@ -222,33 +251,61 @@ async fn segment_counts_stay_exact_through_replays_and_a_restart_mid_stream() {
     assert_eq!(mesh.contacts_count(&spring).await, 35);
     mesh.settles_at(&spring, 35).await;
 
-    // Every record published again (a relay that crashed before deleting
-    // its outbox rows does this): nothing counts twice.
+    // The relay finds its rows again (as after a crash between putting them
+    // on the stream and deleting them): none goes on the stream twice.
+    let stream = mesh.membership_stream();
     let entries: Vec<(String, HashMap<String, Vec<u8>>)> = mesh
         .redis
-        .command(
-            redis::cmd("XRANGE")
-                .arg(mesh.membership_stream())
-                .arg("-")
-                .arg("+"),
-        )
+        .command(redis::cmd("XRANGE").arg(&stream).arg("-").arg("+"))
         .await
         .unwrap();
     assert!(entries.len() >= 45, "{} records", entries.len());
+    let contacts_db = sqlx::PgPool::connect(mesh.database.url()).await.unwrap();
     for (_, fields) in &entries {
-        let _: String = mesh
-            .redis
-            .command(
-                redis::cmd("XADD")
-                    .arg(mesh.membership_stream())
-                    .arg("*")
-                    .arg("p")
-                    .arg(&fields["p"]),
-            )
+        let record = MembershipChangeRecord::decode(fields["p"].as_slice()).unwrap();
+        let id: i64 = record.change_id.trim_start_matches('m').parse().unwrap();
+        sqlx::query("INSERT INTO contacts.outbox (tenant_id, id, payload) VALUES ($1, $2, $3)")
+            .bind(T)
+            .bind(id)
+            .bind(&fields["p"])
+            .execute(&contacts_db)
             .await
             .unwrap();
     }
-    mesh.settles_at(&spring, 35).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts.outbox")
+            .fetch_one(&contacts_db)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay left {left} rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let len: usize = mesh
+        .redis
+        .command(redis::cmd("XLEN").arg(&stream))
+        .await
+        .unwrap();
+    assert_eq!(len, entries.len(), "a record published again");
+
+    // Every entry read again (the group set back to the stream's start, as
+    // if no acknowledgement had reached Redis): nothing counts twice.
+    let _: () = mesh
+        .redis
+        .command(
+            redis::cmd("XGROUP")
+                .arg("SETID")
+                .arg(&stream)
+                .arg("analytics")
+                .arg("0"),
+        )
+        .await
+        .unwrap();
+    mesh.read_through(&stream, &entries.last().unwrap().0).await;
+    assert_eq!(mesh.analytics_count(&spring).await, Some(35));
 
     // analytics stops; changes go on; it comes back and catches up.
     mesh.stop_analytics();
@@ -394,14 +451,11 @@ async fn event_rates_and_delivery_stats_roll_up_by_minute_and_answer_ranges() {
             ..Default::default()
         });
     }
-    // The first two twice (another copy in the log): a replayed event
-    // counts once.
-    let copies = events.iter().map(|e| (e, "1000000001"));
-    for (e, channel) in copies.chain(events.iter().take(2).map(|e| (e, "copy"))) {
+    for e in &events {
         let payload = e.encode_to_vec();
         let user = e.source.as_ref().unwrap().user_id.clone();
         log.append(&[Event {
-            channel_id: channel,
+            channel_id: &e.channel_id,
             user_id: &user,
             event_id: &e.webhook_event_id,
             timestamp_ms: e.timestamp_ms,
@@ -417,7 +471,6 @@ async fn event_rates_and_delivery_stats_roll_up_by_minute_and_answer_ranges() {
         (2, DeliveryOutcome::Accepted, 1),
         (3, DeliveryOutcome::Retrying, 1),
         (4, DeliveryOutcome::DeadLettered, 1),
-        (1, DeliveryOutcome::Accepted, 1), // a replay
     ] {
         let record = DeliveryOutcomeRecord {
             tenant_id: T.into(),
@@ -477,7 +530,7 @@ async fn event_rates_and_delivery_stats_roll_up_by_minute_and_answer_ranges() {
     let minute = |t: chrono::DateTime<chrono::Utc>| t.timestamp() / 60 * 60;
     let at = |p: &hibiki_proto::analytics::v1::RatePoint| p.bucket_start.unwrap().seconds;
     let before = points.iter().find(|p| at(p) == minute(earlier)).unwrap();
-    assert_eq!(before.counts["postback"], 2, "a replayed event counts once");
+    assert_eq!(before.counts["postback"], 2);
     assert_eq!(before.counts["follow"], 1);
     let last = points.iter().find(|p| at(p) == minute(now)).unwrap();
     assert_eq!(last.counts["postback"], 1);
@@ -534,8 +587,44 @@ async fn event_rates_and_delivery_stats_roll_up_by_minute_and_answer_ranges() {
             stats[0].recipients
         ),
         (2, 1, 1, 2),
-        "a replayed outcome counts once"
     );
+    // Every outcome read again: nothing counts twice.
+    let _: () = mesh
+        .redis
+        .command(
+            redis::cmd("XGROUP")
+                .arg("SETID")
+                .arg(&outcomes)
+                .arg("analytics")
+                .arg("0"),
+        )
+        .await
+        .unwrap();
+    let last: Vec<(String, HashMap<String, Vec<u8>>)> = mesh
+        .redis
+        .command(
+            redis::cmd("XREVRANGE")
+                .arg(&outcomes)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await
+        .unwrap();
+    mesh.read_through(&outcomes, &last[0].0).await;
+    let again = mesh
+        .analytics()
+        .get_delivery_stats(GetDeliveryStatsRequest {
+            tenant_id: T.into(),
+            range: Some(range),
+            channel_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    assert_eq!(again, stats, "outcomes read again counted again");
     // Another channel has none.
     let none = mesh
         .analytics()

@@ -583,7 +583,7 @@ async fn a_follow_moves_the_contact_into_a_follow_state_segment() {
 
 /// Reads every membership change record on the stream.
 async fn published(c: &Contacts) -> Vec<MembershipChangeRecord> {
-    let key = format!("{}:contacts:membership", c.env["HIBIKI_REDIS_PREFIX"]);
+    let key = format!("{}:contacts:{{membership}}", c.env["HIBIKI_REDIS_PREFIX"]);
     hibiki_testkit::stream_payloads(&c.env["HIBIKI_REDIS_URL"], &key)
         .await
         .iter()
