@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use hibiki_line::api::{MAX_RECIPIENTS, check_message, is_push_target, is_user_id};
 use hibiki_proto::delivery::v1::delivery_service_server::DeliveryService;
 use hibiki_proto::delivery::v1::{
-    BroadcastRequest, CallKind, CallPart, GetJobRequest, Job, JobKind, JobStatus,
-    LinkRichMenuRequest, ListDeadLettersRequest, ListDeadLettersResponse, QueuedCall,
-    ReplayDeadLettersRequest, ReplayDeadLettersResponse, SendRequest, UnlinkRichMenuRequest,
+    BatchError, BatchItem, BatchResult, BroadcastRequest, CallKind, CallPart, GetJobRequest, Job,
+    JobKind, JobStatus, LinkRichMenuRequest, ListDeadLettersRequest, ListDeadLettersResponse,
+    QueuedCall, ReplayDeadLettersRequest, ReplayDeadLettersResponse, SendRequest,
+    SubmitBatchRequest, SubmitBatchResponse, UnlinkRichMenuRequest, batch_item, batch_result,
     link_rich_menu_request, send_request,
 };
 use hibiki_runtime::channels::{Channels, Lookup};
@@ -18,6 +19,7 @@ use hibiki_runtime::redis::redis;
 use hibiki_runtime::{Caller, telemetry, timestamp};
 use prost::Message;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::deadletters::DeadLetters;
 use crate::error::{Error, Result};
@@ -25,6 +27,8 @@ use crate::keys;
 use crate::line::LineApi;
 use crate::queue::{self, Class, Keys, QueueId};
 
+/// The most items a batch takes.
+const MAX_BATCH: usize = 500;
 /// The longest idempotency key taken.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// How long a resolved rich menu alias is trusted.
@@ -381,109 +385,25 @@ impl Delivery {
     }
 }
 
-fn check_idempotency_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid("idempotency_key", "must not be empty"));
-    }
-    if key.len() > MAX_IDEMPOTENCY_KEY {
-        return Err(Error::invalid(
-            "idempotency_key",
-            format!("must be at most {MAX_IDEMPOTENCY_KEY} bytes"),
-        ));
-    }
-    Ok(())
+/// A batch item's span: as the gRPC layer names a single RPC's, a child of
+/// the batch call's span unless the item carries a trace of its own.
+macro_rules! item_span {
+    ($method:literal) => {
+        tracing::info_span!(
+            "grpc.server",
+            otel.name = $method,
+            rpc.system = "grpc",
+            hibiki.service = "delivery",
+            hibiki.batch = true,
+            rpc.grpc.status_code = tracing::field::Empty,
+        )
+    };
 }
 
-fn check_messages(messages: &[String], field: &str) -> Result<()> {
-    if messages.is_empty() || messages.len() > hibiki_line::api::MAX_MESSAGES {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "must hold 1 to {} messages, got {}",
-                hibiki_line::api::MAX_MESSAGES,
-                messages.len()
-            ),
-        ));
-    }
-    for (i, m) in messages.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let value: serde_json::Value =
-            serde_json::from_str(m).map_err(|e| Error::invalid(&at, format!("not JSON: {e}")))?;
-        if let Some(d) = check_message(&at, &value).into_iter().next() {
-            return Err(Error::invalid(d.property, d.message.to_lowercase()));
-        }
-    }
-    Ok(())
-}
-
-fn check_user(user: &str, field: &str) -> Result<()> {
-    if is_user_id(user) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            field,
-            format!("{user:?} is not a LINE user id (U and 32 hex digits)"),
-        ))
-    }
-}
-
-fn authorize<T>(request: &Request<T>, tenant_id: &str) -> std::result::Result<(), Status> {
-    Caller::authorize_request(request, tenant_id)
-}
-
-/// A job an enqueue script has just made: queued, no attempt yet.
-struct NewJob<'a> {
-    tenant_id: &'a str,
-    channel_id: &'a str,
-    job_id: &'a str,
-    kind: JobKind,
-    idempotency_key: &'a str,
-    recipients: i64,
-    /// When the script made it, by Redis's clock.
-    created_ms: i64,
-    /// When its progress was last updated: when it was made, or for a
-    /// gathered link when its bulk link opened.
-    updated_ms: i64,
-}
-
-impl NewJob<'_> {
-    /// The job as [`Delivery::job`] would read it back.
-    fn job(&self) -> Job {
-        let at = |ms| timestamp::from_millis(ms).map(timestamp::to_proto);
-        Job {
-            tenant_id: self.tenant_id.to_owned(),
-            job_id: self.job_id.to_owned(),
-            kind: self.kind as i32,
-            status: JobStatus::Queued as i32,
-            channel_id: self.channel_id.to_owned(),
-            idempotency_key: self.idempotency_key.to_owned(),
-            recipients_total: self.recipients,
-            created_at: at(self.created_ms),
-            updated_at: at(self.updated_ms),
-            ..Default::default()
-        }
-    }
-}
-
-fn base_call(tenant_id: &str, channel_id: &str, kind: CallKind) -> QueuedCall {
-    QueuedCall {
-        tenant_id: tenant_id.to_owned(),
-        channel_id: channel_id.to_owned(),
-        kind: kind as i32,
-        trace: Some(telemetry::current_trace_context()),
-        queued_at_ms: chrono::Utc::now().timestamp_millis(),
-        ..Default::default()
-    }
-}
-
-#[tonic::async_trait]
-impl DeliveryService for Delivery {
-    async fn send(
-        &self,
-        request: Request<SendRequest>,
-    ) -> std::result::Result<Response<Job>, Status> {
-        let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+impl Delivery {
+    /// Queues a send for `caller` (Send, or a batch's item).
+    async fn send_one(&self, caller: &Caller, r: &SendRequest) -> std::result::Result<Job, Status> {
+        authorize(caller, &r.tenant_id)?;
         self.channel(&r.tenant_id, &r.channel_id)?;
         check_idempotency_key(&r.idempotency_key)?;
         check_messages(&r.messages_json, "messages_json")?;
@@ -556,18 +476,18 @@ impl DeliveryService for Delivery {
             .as_ref()
             .and_then(timestamp::from_proto)
             .map_or(0, |t| t.timestamp_millis());
-        let job = self
+        Ok(self
             .enqueue(call, job_kind, &r.idempotency_key, not_before)
-            .await?;
-        Ok(Response::new(job))
+            .await?)
     }
 
-    async fn link_rich_menu(
+    /// Queues a rich menu link for `caller`.
+    async fn link_one(
         &self,
-        request: Request<LinkRichMenuRequest>,
-    ) -> std::result::Result<Response<Job>, Status> {
-        let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+        caller: &Caller,
+        r: &LinkRichMenuRequest,
+    ) -> std::result::Result<Job, Status> {
+        authorize(caller, &r.tenant_id)?;
         let token = self.channel(&r.tenant_id, &r.channel_id)?;
         check_idempotency_key(&r.idempotency_key)?;
         check_user(&r.user_id, "user_id")?;
@@ -587,16 +507,16 @@ impl DeliveryService for Delivery {
             user_ids: vec![r.user_id.clone()],
             retry_key: keys::retry_key(&r.tenant_id, &r.channel_id, &r.idempotency_key),
         }];
-        let job = self.enqueue_link(call, &r.idempotency_key).await?;
-        Ok(Response::new(job))
+        Ok(self.enqueue_link(call, &r.idempotency_key).await?)
     }
 
-    async fn unlink_rich_menu(
+    /// Queues a rich menu unlink for `caller`.
+    async fn unlink_one(
         &self,
-        request: Request<UnlinkRichMenuRequest>,
-    ) -> std::result::Result<Response<Job>, Status> {
-        let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+        caller: &Caller,
+        r: &UnlinkRichMenuRequest,
+    ) -> std::result::Result<Job, Status> {
+        authorize(caller, &r.tenant_id)?;
         self.channel(&r.tenant_id, &r.channel_id)?;
         check_idempotency_key(&r.idempotency_key)?;
         check_user(&r.user_id, "user_id")?;
@@ -606,10 +526,213 @@ impl DeliveryService for Delivery {
             user_ids: vec![r.user_id.clone()],
             retry_key: keys::retry_key(&r.tenant_id, &r.channel_id, &r.idempotency_key),
         }];
-        let job = self
+        Ok(self
             .enqueue(call, JobKind::UnlinkRichMenu, &r.idempotency_key, 0)
-            .await?;
-        Ok(Response::new(job))
+            .await?)
+    }
+
+    /// One item of a batch, in a span named after its own RPC that continues
+    /// the item's trace.
+    async fn item(&self, caller: &Caller, item: &BatchItem) -> std::result::Result<Job, Status> {
+        let span = match &item.request {
+            Some(batch_item::Request::Send(_)) => {
+                item_span!("/hibiki.delivery.v1.DeliveryService/Send")
+            }
+            Some(batch_item::Request::LinkRichMenu(_)) => {
+                item_span!("/hibiki.delivery.v1.DeliveryService/LinkRichMenu")
+            }
+            Some(batch_item::Request::UnlinkRichMenu(_)) => {
+                item_span!("/hibiki.delivery.v1.DeliveryService/UnlinkRichMenu")
+            }
+            None => return Err(Status::invalid_argument("request: must be set")),
+        };
+        if let Some(trace) = item.trace.as_ref().filter(|t| !t.traceparent.is_empty()) {
+            telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+        }
+        let answer = async {
+            match &item.request {
+                Some(batch_item::Request::Send(r)) => self.send_one(caller, r).await,
+                Some(batch_item::Request::LinkRichMenu(r)) => self.link_one(caller, r).await,
+                Some(batch_item::Request::UnlinkRichMenu(r)) => self.unlink_one(caller, r).await,
+                None => unreachable!("checked above"),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(status) = &answer {
+            span.record("rpc.grpc.status_code", status.code() as i32);
+        }
+        answer
+    }
+}
+
+fn check_idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("idempotency_key", "must not be empty"));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(Error::invalid(
+            "idempotency_key",
+            format!("must be at most {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_messages(messages: &[String], field: &str) -> Result<()> {
+    if messages.is_empty() || messages.len() > hibiki_line::api::MAX_MESSAGES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must hold 1 to {} messages, got {}",
+                hibiki_line::api::MAX_MESSAGES,
+                messages.len()
+            ),
+        ));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let value: serde_json::Value =
+            serde_json::from_str(m).map_err(|e| Error::invalid(&at, format!("not JSON: {e}")))?;
+        if let Some(d) = check_message(&at, &value).into_iter().next() {
+            return Err(Error::invalid(d.property, d.message.to_lowercase()));
+        }
+    }
+    Ok(())
+}
+
+fn check_user(user: &str, field: &str) -> Result<()> {
+    if is_user_id(user) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{user:?} is not a LINE user id (U and 32 hex digits)"),
+        ))
+    }
+}
+
+fn authorize(caller: &Caller, tenant_id: &str) -> std::result::Result<(), Status> {
+    if tenant_id.is_empty() {
+        return Err(Status::invalid_argument("tenant_id: must not be empty"));
+    }
+    caller.authorize_tenant(tenant_id)
+}
+
+/// A job an enqueue script has just made: queued, no attempt yet.
+struct NewJob<'a> {
+    tenant_id: &'a str,
+    channel_id: &'a str,
+    job_id: &'a str,
+    kind: JobKind,
+    idempotency_key: &'a str,
+    recipients: i64,
+    /// When the script made it, by Redis's clock.
+    created_ms: i64,
+    /// When its progress was last updated: when it was made, or for a
+    /// gathered link when its bulk link opened.
+    updated_ms: i64,
+}
+
+impl NewJob<'_> {
+    /// The job as [`Delivery::job`] would read it back.
+    fn job(&self) -> Job {
+        let at = |ms| timestamp::from_millis(ms).map(timestamp::to_proto);
+        Job {
+            tenant_id: self.tenant_id.to_owned(),
+            job_id: self.job_id.to_owned(),
+            kind: self.kind as i32,
+            status: JobStatus::Queued as i32,
+            channel_id: self.channel_id.to_owned(),
+            idempotency_key: self.idempotency_key.to_owned(),
+            recipients_total: self.recipients,
+            created_at: at(self.created_ms),
+            updated_at: at(self.updated_ms),
+            ..Default::default()
+        }
+    }
+}
+
+fn base_call(tenant_id: &str, channel_id: &str, kind: CallKind) -> QueuedCall {
+    QueuedCall {
+        tenant_id: tenant_id.to_owned(),
+        channel_id: channel_id.to_owned(),
+        kind: kind as i32,
+        trace: Some(telemetry::current_trace_context()),
+        queued_at_ms: chrono::Utc::now().timestamp_millis(),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl DeliveryService for Delivery {
+    async fn send(
+        &self,
+        request: Request<SendRequest>,
+    ) -> std::result::Result<Response<Job>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.send_one(&caller, request.get_ref()).await?,
+        ))
+    }
+
+    async fn link_rich_menu(
+        &self,
+        request: Request<LinkRichMenuRequest>,
+    ) -> std::result::Result<Response<Job>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.link_one(&caller, request.get_ref()).await?,
+        ))
+    }
+
+    async fn unlink_rich_menu(
+        &self,
+        request: Request<UnlinkRichMenuRequest>,
+    ) -> std::result::Result<Response<Job>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.unlink_one(&caller, request.get_ref()).await?,
+        ))
+    }
+
+    async fn submit_batch(
+        &self,
+        request: Request<SubmitBatchRequest>,
+    ) -> std::result::Result<Response<SubmitBatchResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let items = &request.get_ref().items;
+        if items.is_empty() || items.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "items",
+                format!("must hold 1 to {MAX_BATCH} items, got {}", items.len()),
+            )
+            .into());
+        }
+        if let Some(k) = items.iter().position(|i| i.request.is_none()) {
+            return Err(Error::invalid(
+                format!("items[{k}].request"),
+                "one of send, link_rich_menu or unlink_rich_menu must be set",
+            )
+            .into());
+        }
+        // Side by side: the enqueue scripts of the items share Redis round
+        // trips on the multiplexed connection.
+        let answers =
+            futures::future::join_all(items.iter().map(|item| self.item(&caller, item))).await;
+        let results = answers
+            .into_iter()
+            .map(|answer| BatchResult {
+                result: Some(match answer {
+                    Ok(job) => batch_result::Result::Job(job),
+                    Err(status) => batch_result::Result::Error(BatchError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(SubmitBatchResponse { results }))
     }
 
     async fn broadcast(
@@ -617,7 +740,7 @@ impl DeliveryService for Delivery {
         request: Request<BroadcastRequest>,
     ) -> std::result::Result<Response<Job>, Status> {
         let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+        Caller::authorize_request(&request, &r.tenant_id)?;
         self.channel(&r.tenant_id, &r.channel_id)?;
         check_idempotency_key(&r.idempotency_key)?;
         if r.segment_id.is_empty() {
@@ -663,7 +786,7 @@ impl DeliveryService for Delivery {
         request: Request<GetJobRequest>,
     ) -> std::result::Result<Response<Job>, Status> {
         let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+        Caller::authorize_request(&request, &r.tenant_id)?;
         if r.job_id.is_empty() {
             return Err(Error::invalid("job_id", "must not be empty").into());
         }
@@ -675,7 +798,7 @@ impl DeliveryService for Delivery {
         request: Request<ListDeadLettersRequest>,
     ) -> std::result::Result<Response<ListDeadLettersResponse>, Status> {
         let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+        Caller::authorize_request(&request, &r.tenant_id)?;
         let channel = (!r.channel_id.is_empty()).then_some(r.channel_id.as_str());
         if let Some(c) = channel {
             self.channel(&r.tenant_id, c)?;
@@ -698,7 +821,7 @@ impl DeliveryService for Delivery {
         request: Request<ReplayDeadLettersRequest>,
     ) -> std::result::Result<Response<ReplayDeadLettersResponse>, Status> {
         let r = request.get_ref();
-        authorize(&request, &r.tenant_id)?;
+        Caller::authorize_request(&request, &r.tenant_id)?;
         let channel = (!r.channel_id.is_empty()).then_some(r.channel_id.as_str());
         if let Some(c) = channel {
             self.channel(&r.tenant_id, c)?;

@@ -56,6 +56,7 @@ use crate::matching::Matcher;
 use crate::program::{Op, Program};
 use crate::runs::{Advance, NewRun, Recorder, Resume, RunRow, Runs, Started};
 use crate::store::Scenarios;
+use crate::submit::Submitter;
 
 type Intercepted =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClientInterceptor>;
@@ -95,6 +96,9 @@ pub struct Executor {
     /// Writes the runs' advances, many in one statement under load.
     recorder: Recorder,
     peers: Peers,
+    /// The steps' sends and rich menu links, many runs' in one RPC under
+    /// load.
+    submit: Submitter,
     active: Mutex<HashMap<String, Cached>>,
     programs: Mutex<HashMap<(String, i64), Arc<Program>>>,
     zones: Mutex<HashMap<String, String>>,
@@ -254,6 +258,7 @@ impl Executor {
             scenarios,
             recorder: Recorder::start(runs.clone()),
             runs,
+            submit: Submitter::start(peers.delivery.clone()),
             peers,
             active: Mutex::default(),
             programs: Mutex::default(),
@@ -994,9 +999,7 @@ impl Executor {
                     None => return Err(StepError::Permanent("no rich menu".into())),
                 };
                 let job = self
-                    .peers
-                    .delivery
-                    .clone()
+                    .submit
                     .link_rich_menu(LinkRichMenuRequest {
                         tenant_id: run.tenant_id.clone(),
                         channel_id: run.channel_id.clone(),
@@ -1004,8 +1007,7 @@ impl Executor {
                         user_id: run.line_user_id.clone(),
                         menu: Some(menu),
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 format!("rich menu link queued: delivery job {}", job.job_id)
             }
             Some(step::Action::SendMessages(send)) => {
@@ -1032,9 +1034,7 @@ impl Executor {
                     send_request::Target::PushTo(run.line_user_id.clone())
                 };
                 let job = self
-                    .peers
-                    .delivery
-                    .clone()
+                    .submit
                     .send(SendRequest {
                         tenant_id: run.tenant_id.clone(),
                         channel_id: run.channel_id.clone(),
@@ -1045,8 +1045,7 @@ impl Executor {
                         notification_disabled: send.notification_disabled,
                         not_before: held.map(hibiki_runtime::timestamp::to_proto),
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 match held {
                     Some(t) => format!(
                         "messages queued, held for quiet hours until {}: delivery job {}",

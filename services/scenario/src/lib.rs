@@ -18,6 +18,7 @@ pub mod program;
 pub mod runs;
 pub mod service;
 pub mod store;
+pub mod submit;
 
 use std::net::SocketAddr;
 
