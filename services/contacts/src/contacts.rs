@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
+use hibiki_proto::common::v1::BatchError;
 use hibiki_proto::common::v1::{InboundEvent, PageResponse, inbound_event::Payload};
 use hibiki_proto::contacts::v1::contact_service_server::ContactService;
 use hibiki_proto::contacts::v1::{
@@ -17,12 +18,17 @@ use hibiki_proto::contacts::v1::{
     ImportStatus, ListContactsRequest, ListContactsResponse, MembershipChange, MutationResponse,
     RemoveTagsRequest, SetAttributesRequest, UpsertContactRequest, UpsertContactResponse,
 };
+use hibiki_proto::contacts::v1::{
+    EditBatchRequest, EditBatchResponse, EditItem, EditResult, edit_item, edit_result,
+};
 use hibiki_runtime::Caller;
+use hibiki_runtime::telemetry;
 use hibiki_runtime::telemetry::current_trace_context;
 use hibiki_runtime::timestamp::from_millis;
 use prost::Message;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::attrs::{self, AttrValue, MAX_ATTRIBUTES, MAX_TAGS};
 use crate::error::{Error, Result};
@@ -39,6 +45,8 @@ mod together;
 pub const MAX_EVENTS_PER_BATCH: usize = 500;
 /// The longest idempotency key.
 const MAX_KEY_BYTES: usize = 256;
+/// The most edits an EditBatch takes.
+const MAX_BATCH: usize = 500;
 
 /// Implements `hibiki.contacts.v1.ContactService`.
 #[derive(Clone)]
@@ -734,13 +742,122 @@ impl ContactService for Contacts {
         Ok(Response::new(ApplyEventsResponse { results }))
     }
 
-    #[tracing::instrument(name = "contacts.add_tags", skip_all)]
     async fn add_tags(
         &self,
         request: Request<AddTagsRequest>,
     ) -> Result<Response<MutationResponse>, Status> {
         let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.add_tags_one(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn remove_tags(
+        &self,
+        request: Request<RemoveTagsRequest>,
+    ) -> Result<Response<MutationResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.remove_tags_one(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn set_attributes(
+        &self,
+        request: Request<SetAttributesRequest>,
+    ) -> Result<Response<MutationResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.set_attributes_one(&caller, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn edit_batch(
+        &self,
+        request: Request<EditBatchRequest>,
+    ) -> Result<Response<EditBatchResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let items = request.into_inner().items;
+        if items.is_empty() || items.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "items",
+                format!("must hold 1 to {MAX_BATCH} items, got {}", items.len()),
+            )
+            .into());
+        }
+        if let Some(k) = items.iter().position(|i| i.request.is_none()) {
+            return Err(Error::invalid(
+                format!("items[{k}].request"),
+                "one of add_tags, remove_tags or set_attributes must be set",
+            )
+            .into());
+        }
+        // Side by side: edits that arrive together share transactions.
+        let answers =
+            futures::future::join_all(items.into_iter().map(|item| self.edit_item(&caller, item)))
+                .await;
+        let results = answers
+            .into_iter()
+            .map(|answer| EditResult {
+                result: Some(match answer {
+                    Ok(response) => edit_result::Result::Response(response),
+                    Err(status) => edit_result::Result::Error(BatchError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(EditBatchResponse { results }))
+    }
+
+    async fn import_contacts(
+        &self,
+        request: Request<Streaming<ImportContactsRequest>>,
+    ) -> Result<Response<ImportContactsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let response = self.importer.run(caller, request.into_inner()).await?;
+        self.relay.wake();
+        Ok(Response::new(response))
+    }
+
+    async fn get_import(
+        &self,
+        request: Request<GetImportRequest>,
+    ) -> Result<Response<ImportStatus>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.authorize_tenant(&r.tenant_id)?;
+        Ok(Response::new(
+            crate::import::status(&self.pool, &r.tenant_id, &r.import_id).await?,
+        ))
+    }
+}
+
+/// A batch item's span: as the gRPC layer names a single RPC's, a child of
+/// the batch call's span unless the item carries a trace of its own.
+macro_rules! item_span {
+    ($method:literal) => {
+        tracing::info_span!(
+            "grpc.server",
+            otel.name = $method,
+            rpc.system = "grpc",
+            hibiki.service = "contacts",
+            hibiki.batch = true,
+            rpc.grpc.status_code = tracing::field::Empty,
+        )
+    };
+}
+
+/// The edits, for a single RPC or a batch's item.
+impl Contacts {
+    #[tracing::instrument(name = "contacts.add_tags", skip_all)]
+    async fn add_tags_one(
+        &self,
+        caller: &Caller,
+        r: AddTagsRequest,
+    ) -> Result<MutationResponse, Status> {
         let (tenant, user) = contact_ref(r.contact.as_ref())?;
         caller.authorize_tenant(&tenant)?;
         check_tags("tags", &r.tags)?;
@@ -748,16 +865,15 @@ impl ContactService for Contacts {
         let response = self
             .mutate(&tenant, &user, &r.idempotency_key, "AddTags", edit, true)
             .await?;
-        Ok(Response::new(response))
+        Ok(response)
     }
 
     #[tracing::instrument(name = "contacts.remove_tags", skip_all)]
-    async fn remove_tags(
+    async fn remove_tags_one(
         &self,
-        request: Request<RemoveTagsRequest>,
-    ) -> Result<Response<MutationResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let r = request.into_inner();
+        caller: &Caller,
+        r: RemoveTagsRequest,
+    ) -> Result<MutationResponse, Status> {
         let (tenant, user) = contact_ref(r.contact.as_ref())?;
         caller.authorize_tenant(&tenant)?;
         check_tags("tags", &r.tags)?;
@@ -772,16 +888,15 @@ impl ContactService for Contacts {
                 false,
             )
             .await?;
-        Ok(Response::new(response))
+        Ok(response)
     }
 
     #[tracing::instrument(name = "contacts.set_attributes", skip_all)]
-    async fn set_attributes(
+    async fn set_attributes_one(
         &self,
-        request: Request<SetAttributesRequest>,
-    ) -> Result<Response<MutationResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let r = request.into_inner();
+        caller: &Caller,
+        r: SetAttributesRequest,
+    ) -> Result<MutationResponse, Status> {
         let (tenant, user) = contact_ref(r.contact.as_ref())?;
         caller.authorize_tenant(&tenant)?;
         let set = parse_set(&r.set, "set")?;
@@ -805,28 +920,42 @@ impl ContactService for Contacts {
                 true,
             )
             .await?;
-        Ok(Response::new(response))
+        Ok(response)
     }
 
-    async fn import_contacts(
-        &self,
-        request: Request<Streaming<ImportContactsRequest>>,
-    ) -> Result<Response<ImportContactsResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let response = self.importer.run(caller, request.into_inner()).await?;
-        self.relay.wake();
-        Ok(Response::new(response))
-    }
-
-    async fn get_import(
-        &self,
-        request: Request<GetImportRequest>,
-    ) -> Result<Response<ImportStatus>, Status> {
-        let caller = Caller::of(&request)?;
-        let r = request.into_inner();
-        caller.authorize_tenant(&r.tenant_id)?;
-        Ok(Response::new(
-            crate::import::status(&self.pool, &r.tenant_id, &r.import_id).await?,
-        ))
+    /// One item of a batch, in a span named after its own RPC that continues
+    /// the item's trace.
+    async fn edit_item(&self, caller: &Caller, item: EditItem) -> Result<MutationResponse, Status> {
+        let span = match &item.request {
+            Some(edit_item::Request::AddTags(_)) => {
+                item_span!("/hibiki.contacts.v1.ContactService/AddTags")
+            }
+            Some(edit_item::Request::RemoveTags(_)) => {
+                item_span!("/hibiki.contacts.v1.ContactService/RemoveTags")
+            }
+            Some(edit_item::Request::SetAttributes(_)) => {
+                item_span!("/hibiki.contacts.v1.ContactService/SetAttributes")
+            }
+            None => return Err(Status::invalid_argument("request: must be set")),
+        };
+        if let Some(trace) = item.trace.as_ref().filter(|t| !t.traceparent.is_empty()) {
+            telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+        }
+        let answer = async {
+            match item.request {
+                Some(edit_item::Request::AddTags(r)) => self.add_tags_one(caller, r).await,
+                Some(edit_item::Request::RemoveTags(r)) => self.remove_tags_one(caller, r).await,
+                Some(edit_item::Request::SetAttributes(r)) => {
+                    self.set_attributes_one(caller, r).await
+                }
+                None => Err(Status::invalid_argument("request: must be set")),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(status) = &answer {
+            span.record("rpc.grpc.status_code", status.code() as i32);
+        }
+        answer
     }
 }

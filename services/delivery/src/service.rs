@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hibiki_line::api::{MAX_RECIPIENTS, check_message, is_push_target, is_user_id};
+use hibiki_proto::common::v1::BatchError;
 use hibiki_proto::delivery::v1::delivery_service_server::DeliveryService;
 use hibiki_proto::delivery::v1::{
-    BatchError, BatchItem, BatchResult, BroadcastRequest, CallKind, CallPart, GetJobRequest, Job,
-    JobKind, JobStatus, LinkRichMenuRequest, ListDeadLettersRequest, ListDeadLettersResponse,
-    QueuedCall, ReplayDeadLettersRequest, ReplayDeadLettersResponse, SendRequest,
-    SubmitBatchRequest, SubmitBatchResponse, UnlinkRichMenuRequest, batch_item, batch_result,
-    link_rich_menu_request, send_request,
+    BatchItem, BatchResult, BroadcastRequest, CallKind, CallPart, GetJobRequest, Job, JobKind,
+    JobStatus, LinkRichMenuRequest, ListDeadLettersRequest, ListDeadLettersResponse, QueuedCall,
+    ReplayDeadLettersRequest, ReplayDeadLettersResponse, SendRequest, SubmitBatchRequest,
+    SubmitBatchResponse, UnlinkRichMenuRequest, batch_item, batch_result, link_rich_menu_request,
+    send_request,
 };
 use hibiki_runtime::channels::{Channels, Lookup};
 use hibiki_runtime::redis::redis;

@@ -56,7 +56,7 @@ use crate::matching::Matcher;
 use crate::program::{Op, Program};
 use crate::runs::{Advance, NewRun, Recorder, Resume, RunRow, Runs, Started};
 use crate::store::Scenarios;
-use crate::submit::Submitter;
+use crate::submit::{Editor, Submitter};
 
 type Intercepted =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ClientInterceptor>;
@@ -96,6 +96,8 @@ pub struct Executor {
     /// Writes the runs' advances, many in one statement under load.
     recorder: Recorder,
     peers: Peers,
+    /// The steps' edits of contacts, many runs' in one RPC under load.
+    edit: Editor,
     /// The steps' sends and rich menu links, many runs' in one RPC under
     /// load.
     submit: Submitter,
@@ -258,6 +260,7 @@ impl Executor {
             scenarios,
             recorder: Recorder::start(runs.clone()),
             runs,
+            edit: Editor::start(peers.contacts.clone()),
             submit: Submitter::start(peers.delivery.clone()),
             peers,
             active: Mutex::default(),
@@ -945,9 +948,7 @@ impl Executor {
             None => return Err(StepError::Permanent(format!("step {} has no action", s.id))),
             Some(step::Action::AddTags(t)) => {
                 let answer = self
-                    .peers
-                    .contacts
-                    .clone()
+                    .edit
                     .add_tags(AddTagsRequest {
                         contact: Self::contact(run),
                         tags: t.tags.clone(),
@@ -959,9 +960,7 @@ impl Executor {
             }
             Some(step::Action::RemoveTags(t)) => {
                 let answer = self
-                    .peers
-                    .contacts
-                    .clone()
+                    .edit
                     .remove_tags(RemoveTagsRequest {
                         contact: Self::contact(run),
                         tags: t.tags.clone(),
@@ -973,9 +972,7 @@ impl Executor {
             }
             Some(step::Action::SetAttributes(a)) => {
                 let answer = self
-                    .peers
-                    .contacts
-                    .clone()
+                    .edit
                     .set_attributes(SetAttributesRequest {
                         contact: Self::contact(run),
                         set: a.set.clone(),
@@ -1089,9 +1086,9 @@ impl Executor {
         &self,
         run: &RunRow,
         key: &str,
-        answer: Result<tonic::Response<MutationResponse>, tonic::Status>,
+        answer: Result<MutationResponse, tonic::Status>,
     ) -> Result<(), StepError> {
-        let changes = answer?.into_inner().membership_changes;
+        let changes = answer?.membership_changes;
         self.membership(&run.tenant_id, &run.channel_id, key, &changes)
             .await?;
         Ok(())
