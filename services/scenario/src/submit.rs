@@ -9,7 +9,9 @@
 //! Each item carries the trace of the step that made it, so its spans in
 //! contacts and delivery, and what follows from it there, stay in the run's
 //! trace. A peer that does not know the batch RPC yet (UNIMPLEMENTED,
-//! during a rolling upgrade) gets the batch's requests one RPC each.
+//! during a rolling upgrade) fails that batch's requests as UNAVAILABLE,
+//! which the steps retry at once, and gets requests one RPC each for the
+//! next 30 s before the batch RPC is tried again.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -112,6 +114,41 @@ fn item_span(trace: Option<&TraceContext>) -> tracing::Span {
     span
 }
 
+/// Whether a peer lacks its batch RPC (UNIMPLEMENTED, during a rolling
+/// upgrade): then requests go one RPC each, and the batch RPC is tried
+/// again after [`RETRY_BATCH_AFTER`].
+#[derive(Default)]
+struct Unbatched(std::sync::Mutex<Option<std::time::Instant>>);
+
+/// How long requests go one by one after a peer answered UNIMPLEMENTED.
+const RETRY_BATCH_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Unbatched {
+    fn now(&self) -> bool {
+        let mut since = self.0.lock().expect("unbatched");
+        match *since {
+            Some(at) if at.elapsed() < RETRY_BATCH_AFTER => true,
+            Some(_) => {
+                *since = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Notes that the peer answered UNIMPLEMENTED; what the batch held is
+    /// answered UNAVAILABLE, so the steps retry it (one RPC each).
+    fn noted<A>(&self, n: usize, peer: &str) -> Vec<Result<A, Status>> {
+        *self.0.lock().expect("unbatched") = Some(std::time::Instant::now());
+        tracing::warn!(
+            peer,
+            "no batch RPC (an older version?): requests go one by one for a while"
+        );
+        let status = Status::unavailable(format!("{peer} takes no batches yet; retried alone"));
+        (0..n).map(|_| Err(status.clone())).collect()
+    }
+}
+
 /// What a batch answered, item by item: `n` results, or the batch's error
 /// for each of its items.
 fn answers<R, A>(
@@ -145,27 +182,28 @@ pub struct Submitter {
 impl Submitter {
     /// Starts sending batches through `delivery`.
     pub fn start(delivery: DeliveryServiceClient<Intercepted>) -> Self {
+        let unbatched = std::sync::Arc::new(Unbatched::default());
         let batches = Batches::start(move |items: Vec<BatchItem>| {
             let mut delivery = delivery.clone();
+            let unbatched = unbatched.clone();
             async move {
-                metrics::histogram!("hibiki_scenario_batch_items", "peer" => "delivery")
-                    .record(items.len() as f64);
                 let n = items.len();
+                if unbatched.now() {
+                    let mut results = Vec::with_capacity(n);
+                    for item in items {
+                        let span = item_span(item.trace.as_ref());
+                        results.push(submit_alone(&mut delivery, item).instrument(span).await);
+                    }
+                    return results;
+                }
+                metrics::histogram!("hibiki_scenario_batch_items", "peer" => "delivery")
+                    .record(n as f64);
                 let answered = delivery
-                    .submit_batch(SubmitBatchRequest {
-                        items: items.clone(),
-                    })
+                    .submit_batch(SubmitBatchRequest { items })
                     .await
                     .map(|r| r.into_inner().results);
                 match answered {
-                    Err(s) if s.code() == Code::Unimplemented => {
-                        let mut results = Vec::with_capacity(n);
-                        for item in items {
-                            let span = item_span(item.trace.as_ref());
-                            results.push(submit_alone(&mut delivery, item).instrument(span).await);
-                        }
-                        results
-                    }
+                    Err(s) if s.code() == Code::Unimplemented => unbatched.noted(n, "delivery"),
                     answered => answers(n, answered, |r| match r.result {
                         Some(batch_result::Result::Job(job)) => Ok(job),
                         Some(batch_result::Result::Error(e)) => Err(error_of(e)),
@@ -222,27 +260,28 @@ pub struct Editor {
 impl Editor {
     /// Starts sending batches through `contacts`.
     pub fn start(contacts: ContactServiceClient<Intercepted>) -> Self {
+        let unbatched = std::sync::Arc::new(Unbatched::default());
         let batches = Batches::start(move |items: Vec<EditItem>| {
             let mut contacts = contacts.clone();
+            let unbatched = unbatched.clone();
             async move {
-                metrics::histogram!("hibiki_scenario_batch_items", "peer" => "contacts")
-                    .record(items.len() as f64);
                 let n = items.len();
+                if unbatched.now() {
+                    let mut results = Vec::with_capacity(n);
+                    for item in items {
+                        let span = item_span(item.trace.as_ref());
+                        results.push(edit_alone(&mut contacts, item).instrument(span).await);
+                    }
+                    return results;
+                }
+                metrics::histogram!("hibiki_scenario_batch_items", "peer" => "contacts")
+                    .record(n as f64);
                 let answered = contacts
-                    .edit_batch(EditBatchRequest {
-                        items: items.clone(),
-                    })
+                    .edit_batch(EditBatchRequest { items })
                     .await
                     .map(|r| r.into_inner().results);
                 match answered {
-                    Err(s) if s.code() == Code::Unimplemented => {
-                        let mut results = Vec::with_capacity(n);
-                        for item in items {
-                            let span = item_span(item.trace.as_ref());
-                            results.push(edit_alone(&mut contacts, item).instrument(span).await);
-                        }
-                        results
-                    }
+                    Err(s) if s.code() == Code::Unimplemented => unbatched.noted(n, "contacts"),
                     answered => answers(n, answered, |r| match r.result {
                         Some(edit_result::Result::Response(response)) => Ok(response),
                         Some(edit_result::Result::Error(e)) => Err(error_of(e)),
