@@ -9,7 +9,7 @@ use hibiki_proto::common::v1::TraceContext;
 use hibiki_proto::contacts::v1::{MembershipChange, MembershipChangeRecord};
 use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::redis::Redis;
-use hibiki_testkit::{TestDatabase, random_id, stream_payloads};
+use hibiki_testkit::{TestDatabase, stream_payloads};
 use prost::Message;
 
 fn change(user: &str) -> MembershipChange {
@@ -36,7 +36,7 @@ async fn only_committed_changes_are_published_and_each_once() {
     let redis = Redis::connect_lazy(&RedisConfig {
         url: Secret::new("redis://127.0.0.1:6379"),
         cluster: false,
-        key_prefix: format!("test-{}", random_id()),
+        key_prefix: database.redis_prefix().to_owned(),
         pool_size: 2,
     })
     .unwrap();
