@@ -41,6 +41,17 @@ use sqlx::PgPool;
 /// Result of a run store operation.
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
+/// A run with its step history, as `GetRun` shows it.
+#[derive(sqlx::FromRow)]
+struct RunWithHistory {
+    #[sqlx(flatten)]
+    run: RunRow,
+    step_ids: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+    details: Vec<String>,
+    ok: Vec<bool>,
+}
+
 /// A run as the executor holds it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunRow {
@@ -752,30 +763,33 @@ impl Runs {
 
     /// One run with its history.
     pub async fn get(&self, tenant_id: &str, run_id: &str) -> Result<Run> {
-        let row: Option<RunRow> =
-            sqlx::query_as(select_runs!("WHERE tenant_id = $1 AND run_id = $2"))
-                .bind(tenant_id)
-                .bind(run_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        // The run and its history in one read, so they are of one moment.
+        let row: Option<RunWithHistory> = sqlx::query_as(concat!(
+            "SELECT ",
+            run_columns!(),
+            ", history.* FROM runs, LATERAL (SELECT COALESCE(array_agg(e->>'step' ORDER BY n), '{}') AS step_ids,
+                                COALESCE(array_agg((e->>'at')::timestamptz ORDER BY n), '{}') AS at,
+                                COALESCE(array_agg(e->>'detail' ORDER BY n), '{}') AS details,
+                                COALESCE(array_agg((e->>'ok')::bool ORDER BY n), '{}') AS ok
+                           FROM jsonb_array_elements(steps) WITH ORDINALITY AS h(e, n)) AS history
+              WHERE tenant_id = $1 AND run_id = $2"
+        ))
+        .bind(tenant_id)
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(row) = row else {
             return Err(ServiceError::NotFound(format!(
                 "run {run_id:?} of tenant {tenant_id:?}"
             )));
         };
-        let steps: Vec<(String, DateTime<Utc>, String, bool)> = sqlx::query_as(
-            "SELECT e->>'step', (e->>'at')::timestamptz, e->>'detail', (e->>'ok')::bool
-               FROM runs, jsonb_array_elements(steps) WITH ORDINALITY AS h(e, n)
-              WHERE tenant_id = $1 AND run_id = $2 ORDER BY n",
-        )
-        .bind(tenant_id)
-        .bind(run_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut run = row.to_proto();
-        run.history = steps
+        let mut run = row.run.to_proto();
+        run.history = row
+            .step_ids
             .into_iter()
-            .map(|(step_id, at, detail, ok)| StepExecution {
+            .zip(row.at)
+            .zip(row.details.into_iter().zip(row.ok))
+            .map(|((step_id, at), (detail, ok))| StepExecution {
                 step_id,
                 executed_at: Some(timestamp::to_proto(at)),
                 detail,
