@@ -201,6 +201,36 @@ impl Mesh {
         assert_eq!(self.analytics_count(segment).await, Some(want));
     }
 
+    /// Sets analytics' group on `stream` back to its start (as if no
+    /// acknowledgement had reached Redis) and waits until it has read every
+    /// entry again.
+    async fn read_again(&self, stream: &str) {
+        let _: () = self
+            .redis
+            .command(
+                redis::cmd("XGROUP")
+                    .arg("SETID")
+                    .arg(stream)
+                    .arg("analytics")
+                    .arg("0"),
+            )
+            .await
+            .unwrap();
+        let last: Vec<(String, HashMap<String, Vec<u8>>)> = self
+            .redis
+            .command(
+                redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await
+            .unwrap();
+        self.read_through(stream, &last[0].0).await;
+    }
+
     /// Waits until analytics' group has read `stream` through `last` (or
     /// beyond) and acknowledged all it read.
     async fn read_through(&self, stream: &str, last: &str) {
@@ -304,18 +334,7 @@ async fn segment_counts_stay_exact_through_replays_and_a_restart_mid_stream() {
 
     // Every entry read again (the group set back to the stream's start, as
     // if no acknowledgement had reached Redis): nothing counts twice.
-    let _: () = mesh
-        .redis
-        .command(
-            redis::cmd("XGROUP")
-                .arg("SETID")
-                .arg(&stream)
-                .arg("analytics")
-                .arg("0"),
-        )
-        .await
-        .unwrap();
-    mesh.read_through(&stream, &entries.last().unwrap().0).await;
+    mesh.read_again(&stream).await;
     assert_eq!(mesh.analytics_count(&spring).await, Some(35));
 
     // analytics stops; changes go on; it comes back and catches up.
@@ -600,30 +619,7 @@ async fn event_rates_and_delivery_stats_roll_up_by_minute_and_answer_ranges() {
         (2, 1, 1, 2),
     );
     // Every outcome read again: nothing counts twice.
-    let _: () = mesh
-        .redis
-        .command(
-            redis::cmd("XGROUP")
-                .arg("SETID")
-                .arg(&outcomes)
-                .arg("analytics")
-                .arg("0"),
-        )
-        .await
-        .unwrap();
-    let last: Vec<(String, HashMap<String, Vec<u8>>)> = mesh
-        .redis
-        .command(
-            redis::cmd("XREVRANGE")
-                .arg(&outcomes)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1),
-        )
-        .await
-        .unwrap();
-    mesh.read_through(&outcomes, &last[0].0).await;
+    mesh.read_again(&outcomes).await;
     let again = mesh
         .analytics()
         .get_delivery_stats(GetDeliveryStatsRequest {

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use hibiki_proto::common::v1::BatchError;
 use hibiki_proto::common::v1::{InboundEvent, PageResponse, inbound_event::Payload};
 use hibiki_proto::contacts::v1::contact_service_server::ContactService;
 use hibiki_proto::contacts::v1::{
@@ -22,7 +21,7 @@ use hibiki_proto::contacts::v1::{
     EditBatchRequest, EditBatchResponse, EditItem, EditResult, edit_item, edit_result,
 };
 use hibiki_runtime::Caller;
-use hibiki_runtime::telemetry;
+use hibiki_runtime::batch;
 use hibiki_runtime::telemetry::current_trace_context;
 use hibiki_runtime::timestamp::from_millis;
 use prost::Message;
@@ -259,7 +258,6 @@ impl Contacts {
     /// (`contacts.pool_wait`), so that a trace tells waiting for the pool
     /// from work in PostgreSQL.
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        use tracing::Instrument;
         Ok(self
             .pool
             .begin()
@@ -779,20 +777,12 @@ impl ContactService for Contacts {
     ) -> Result<Response<EditBatchResponse>, Status> {
         let caller = Caller::of(&request)?;
         let items = request.into_inner().items;
-        if items.is_empty() || items.len() > MAX_BATCH {
-            return Err(Error::invalid(
-                "items",
-                format!("must hold 1 to {MAX_BATCH} items, got {}", items.len()),
-            )
-            .into());
-        }
-        if let Some(k) = items.iter().position(|i| i.request.is_none()) {
-            return Err(Error::invalid(
-                format!("items[{k}].request"),
-                "one of add_tags, remove_tags or set_attributes must be set",
-            )
-            .into());
-        }
+        batch::check(
+            &items,
+            MAX_BATCH,
+            |i| i.request.is_some(),
+            "add_tags, remove_tags or set_attributes",
+        )?;
         // Side by side: edits that arrive together share transactions.
         let answers =
             futures::future::join_all(items.into_iter().map(|item| self.edit_item(&caller, item)))
@@ -802,10 +792,7 @@ impl ContactService for Contacts {
             .map(|answer| EditResult {
                 result: Some(match answer {
                     Ok(response) => edit_result::Result::Response(response),
-                    Err(status) => edit_result::Result::Error(BatchError {
-                        code: status.code() as i32,
-                        message: status.message().to_owned(),
-                    }),
+                    Err(status) => edit_result::Result::Error(batch::error(&status)),
                 }),
             })
             .collect();
@@ -833,21 +820,6 @@ impl ContactService for Contacts {
             crate::import::status(&self.pool, &r.tenant_id, &r.import_id).await?,
         ))
     }
-}
-
-/// A batch item's span: as the gRPC layer names a single RPC's, a child of
-/// the batch call's span unless the item carries a trace of its own.
-macro_rules! item_span {
-    ($method:literal) => {
-        tracing::info_span!(
-            "grpc.server",
-            otel.name = $method,
-            rpc.system = "grpc",
-            hibiki.service = "contacts",
-            hibiki.batch = true,
-            rpc.grpc.status_code = tracing::field::Empty,
-        )
-    };
 }
 
 /// The edits, for a single RPC or a batch's item.
@@ -923,39 +895,35 @@ impl Contacts {
         Ok(response)
     }
 
-    /// One item of a batch, in a span named after its own RPC that continues
-    /// the item's trace.
+    /// One item of a batch, as its own RPC would do it
+    /// ([`hibiki_runtime::batch::item`]).
     async fn edit_item(&self, caller: &Caller, item: EditItem) -> Result<MutationResponse, Status> {
-        let span = match &item.request {
-            Some(edit_item::Request::AddTags(_)) => {
-                item_span!("/hibiki.contacts.v1.ContactService/AddTags")
+        use edit_item::Request as R;
+        let trace = item.trace.as_ref();
+        match item.request {
+            Some(R::AddTags(r)) => {
+                batch::item(SERVICE, ADD_TAGS, trace, self.add_tags_one(caller, r)).await
             }
-            Some(edit_item::Request::RemoveTags(_)) => {
-                item_span!("/hibiki.contacts.v1.ContactService/RemoveTags")
+            Some(R::RemoveTags(r)) => {
+                batch::item(SERVICE, REMOVE_TAGS, trace, self.remove_tags_one(caller, r)).await
             }
-            Some(edit_item::Request::SetAttributes(_)) => {
-                item_span!("/hibiki.contacts.v1.ContactService/SetAttributes")
+            Some(R::SetAttributes(r)) => {
+                batch::item(
+                    SERVICE,
+                    SET_ATTRIBUTES,
+                    trace,
+                    self.set_attributes_one(caller, r),
+                )
+                .await
             }
-            None => return Err(Status::invalid_argument("request: must be set")),
-        };
-        if let Some(trace) = item.trace.as_ref().filter(|t| !t.traceparent.is_empty()) {
-            telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+            None => Err(Status::invalid_argument("request: must be set")),
         }
-        let answer = async {
-            match item.request {
-                Some(edit_item::Request::AddTags(r)) => self.add_tags_one(caller, r).await,
-                Some(edit_item::Request::RemoveTags(r)) => self.remove_tags_one(caller, r).await,
-                Some(edit_item::Request::SetAttributes(r)) => {
-                    self.set_attributes_one(caller, r).await
-                }
-                None => Err(Status::invalid_argument("request: must be set")),
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        if let Err(status) = &answer {
-            span.record("rpc.grpc.status_code", status.code() as i32);
-        }
-        answer
     }
 }
+
+/// The service and the RPCs a batch item is done as, named as the gRPC
+/// layer names them.
+const SERVICE: &str = "contacts";
+const ADD_TAGS: &str = "/hibiki.contacts.v1.ContactService/AddTags";
+const REMOVE_TAGS: &str = "/hibiki.contacts.v1.ContactService/RemoveTags";
+const SET_ATTRIBUTES: &str = "/hibiki.contacts.v1.ContactService/SetAttributes";

@@ -29,8 +29,9 @@ async fn stream(key: &str) -> Vec<MembershipChangeRecord> {
         .collect()
 }
 
-#[tokio::test]
-async fn only_committed_changes_are_published_and_each_once() {
+/// contacts' migrated database and a Redis under its prefix (the keys go
+/// with the database).
+async fn relay_stores() -> (TestDatabase, sqlx::PgPool, Redis) {
     let database = TestDatabase::create().await;
     let pool = common::migrated_pool(&database).await;
     let redis = Redis::connect_lazy(&RedisConfig {
@@ -40,6 +41,12 @@ async fn only_committed_changes_are_published_and_each_once() {
         pool_size: 2,
     })
     .unwrap();
+    (database, pool, redis)
+}
+
+#[tokio::test]
+async fn only_committed_changes_are_published_and_each_once() {
+    let (_database, pool, redis) = relay_stores().await;
     let key = outbox::stream_key(&redis);
 
     let mut rolled_back = pool.begin().await.unwrap();
@@ -80,15 +87,7 @@ async fn only_committed_changes_are_published_and_each_once() {
 
 #[tokio::test]
 async fn rows_published_before_are_skipped_and_an_id_used_again_for_another_record_is_not() {
-    let database = TestDatabase::create().await;
-    let pool = common::migrated_pool(&database).await;
-    let redis = Redis::connect_lazy(&RedisConfig {
-        url: Secret::new("redis://127.0.0.1:6379"),
-        cluster: false,
-        key_prefix: database.redis_prefix().to_owned(),
-        pool_size: 2,
-    })
-    .unwrap();
+    let (_database, pool, redis) = relay_stores().await;
     let key = outbox::stream_key(&redis);
     let mut tx = pool.begin().await.unwrap();
     let users = ["U-a", "U-b", "U-c"];

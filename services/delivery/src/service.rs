@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hibiki_line::api::{MAX_RECIPIENTS, check_message, is_push_target, is_user_id};
-use hibiki_proto::common::v1::BatchError;
 use hibiki_proto::delivery::v1::delivery_service_server::DeliveryService;
 use hibiki_proto::delivery::v1::{
     BatchItem, BatchResult, BroadcastRequest, CallKind, CallPart, GetJobRequest, Job, JobKind,
@@ -15,12 +14,12 @@ use hibiki_proto::delivery::v1::{
     SubmitBatchResponse, UnlinkRichMenuRequest, batch_item, batch_result, link_rich_menu_request,
     send_request,
 };
+use hibiki_runtime::batch;
 use hibiki_runtime::channels::{Channels, Lookup};
 use hibiki_runtime::redis::redis;
 use hibiki_runtime::{Caller, telemetry, timestamp};
 use prost::Message;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::deadletters::DeadLetters;
 use crate::error::{Error, Result};
@@ -386,21 +385,6 @@ impl Delivery {
     }
 }
 
-/// A batch item's span: as the gRPC layer names a single RPC's, a child of
-/// the batch call's span unless the item carries a trace of its own.
-macro_rules! item_span {
-    ($method:literal) => {
-        tracing::info_span!(
-            "grpc.server",
-            otel.name = $method,
-            rpc.system = "grpc",
-            hibiki.service = "delivery",
-            hibiki.batch = true,
-            rpc.grpc.status_code = tracing::field::Empty,
-        )
-    };
-}
-
 impl Delivery {
     /// Queues a send for `caller` (Send, or a batch's item).
     async fn send_one(&self, caller: &Caller, r: &SendRequest) -> std::result::Result<Job, Status> {
@@ -532,40 +516,30 @@ impl Delivery {
             .await?)
     }
 
-    /// One item of a batch, in a span named after its own RPC that continues
-    /// the item's trace.
+    /// One item of a batch, as its own RPC would do it
+    /// ([`hibiki_runtime::batch::item`]).
     async fn item(&self, caller: &Caller, item: &BatchItem) -> std::result::Result<Job, Status> {
-        let span = match &item.request {
-            Some(batch_item::Request::Send(_)) => {
-                item_span!("/hibiki.delivery.v1.DeliveryService/Send")
+        use batch_item::Request as R;
+        let trace = item.trace.as_ref();
+        match &item.request {
+            Some(R::Send(r)) => batch::item(SERVICE, SEND, trace, self.send_one(caller, r)).await,
+            Some(R::LinkRichMenu(r)) => {
+                batch::item(SERVICE, LINK, trace, self.link_one(caller, r)).await
             }
-            Some(batch_item::Request::LinkRichMenu(_)) => {
-                item_span!("/hibiki.delivery.v1.DeliveryService/LinkRichMenu")
+            Some(R::UnlinkRichMenu(r)) => {
+                batch::item(SERVICE, UNLINK, trace, self.unlink_one(caller, r)).await
             }
-            Some(batch_item::Request::UnlinkRichMenu(_)) => {
-                item_span!("/hibiki.delivery.v1.DeliveryService/UnlinkRichMenu")
-            }
-            None => return Err(Status::invalid_argument("request: must be set")),
-        };
-        if let Some(trace) = item.trace.as_ref().filter(|t| !t.traceparent.is_empty()) {
-            telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+            None => Err(Status::invalid_argument("request: must be set")),
         }
-        let answer = async {
-            match &item.request {
-                Some(batch_item::Request::Send(r)) => self.send_one(caller, r).await,
-                Some(batch_item::Request::LinkRichMenu(r)) => self.link_one(caller, r).await,
-                Some(batch_item::Request::UnlinkRichMenu(r)) => self.unlink_one(caller, r).await,
-                None => unreachable!("checked above"),
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        if let Err(status) = &answer {
-            span.record("rpc.grpc.status_code", status.code() as i32);
-        }
-        answer
     }
 }
+
+/// The service and the RPCs a batch item is done as, named as the gRPC
+/// layer names them.
+const SERVICE: &str = "delivery";
+const SEND: &str = "/hibiki.delivery.v1.DeliveryService/Send";
+const LINK: &str = "/hibiki.delivery.v1.DeliveryService/LinkRichMenu";
+const UNLINK: &str = "/hibiki.delivery.v1.DeliveryService/UnlinkRichMenu";
 
 fn check_idempotency_key(key: &str) -> Result<()> {
     if key.is_empty() {
@@ -703,20 +677,12 @@ impl DeliveryService for Delivery {
     ) -> std::result::Result<Response<SubmitBatchResponse>, Status> {
         let caller = Caller::of(&request)?;
         let items = &request.get_ref().items;
-        if items.is_empty() || items.len() > MAX_BATCH {
-            return Err(Error::invalid(
-                "items",
-                format!("must hold 1 to {MAX_BATCH} items, got {}", items.len()),
-            )
-            .into());
-        }
-        if let Some(k) = items.iter().position(|i| i.request.is_none()) {
-            return Err(Error::invalid(
-                format!("items[{k}].request"),
-                "one of send, link_rich_menu or unlink_rich_menu must be set",
-            )
-            .into());
-        }
+        batch::check(
+            items,
+            MAX_BATCH,
+            |i| i.request.is_some(),
+            "send, link_rich_menu or unlink_rich_menu",
+        )?;
         // Side by side: the enqueue scripts of the items share Redis round
         // trips on the multiplexed connection.
         let answers =
@@ -726,10 +692,7 @@ impl DeliveryService for Delivery {
             .map(|answer| BatchResult {
                 result: Some(match answer {
                     Ok(job) => batch_result::Result::Job(job),
-                    Err(status) => batch_result::Result::Error(BatchError {
-                        code: status.code() as i32,
-                        message: status.message().to_owned(),
-                    }),
+                    Err(status) => batch_result::Result::Error(batch::error(&status)),
                 }),
             })
             .collect();

@@ -15,6 +15,8 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hibiki_proto::common::v1::{BatchError, TraceContext};
 use hibiki_proto::contacts::v1::contact_service_client::ContactServiceClient;
@@ -39,40 +41,57 @@ type Intercepted =
 const MAX_ITEMS: usize = 500;
 /// Batches in flight at once, per peer.
 const AT_ONCE: usize = 4;
+/// How long requests go one by one after a peer answered UNIMPLEMENTED.
+const RETRY_BATCH_AFTER: Duration = Duration::from_secs(30);
+
+/// A peer that takes requests in batches, or one RPC each.
+trait Peer: Clone + Send + Sync + 'static {
+    type Item: Send + 'static;
+    type Answer: Send + 'static;
+    /// Its name, for metrics and errors.
+    const NAME: &'static str;
+    /// The trace an item carries.
+    fn trace(item: &Self::Item) -> Option<&TraceContext>;
+    /// The batch RPC: an answer per item, in order.
+    fn batch(
+        &mut self,
+        items: Vec<Self::Item>,
+    ) -> impl Future<Output = Result<Vec<Result<Self::Answer, Status>>, Status>> + Send;
+    /// The item's own RPC.
+    fn alone(
+        &mut self,
+        item: Self::Item,
+    ) -> impl Future<Output = Result<Self::Answer, Status>> + Send;
+}
 
 /// A request waiting for its batch, and where its answer goes.
-struct Pending<I, A> {
-    item: I,
-    answer: oneshot::Sender<Result<A, Status>>,
+struct Pending<P: Peer> {
+    item: P::Item,
+    answer: oneshot::Sender<Result<P::Answer, Status>>,
 }
 
-/// Requests of one kind waiting for batch RPCs.
-struct Batches<I, A> {
-    queue: mpsc::UnboundedSender<Pending<I, A>>,
+/// Requests to one peer waiting for batch RPCs.
+struct Batches<P: Peer> {
+    queue: mpsc::UnboundedSender<Pending<P>>,
 }
 
-impl<I: Send + 'static, A: Send + 'static> Batches<I, A> {
-    /// Starts the loop that sends the batches with `send` (on the current
-    /// tokio runtime); it ends when the batches are dropped. `send` answers
-    /// each item of a batch, in order.
-    fn start<F, Fut>(send: F) -> Self
-    where
-        F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<Result<A, Status>>> + Send + 'static,
-    {
+impl<P: Peer> Batches<P> {
+    /// Starts the loop that sends the batches to `peer` (on the current
+    /// tokio runtime); it ends when the batches are dropped.
+    fn start(peer: P) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
+        let unbatched = Arc::new(Unbatched::default());
         tokio::spawn(hibiki_runtime::group::group_commit(
             waiting,
             AT_ONCE,
             4 * MAX_ITEMS,
-            take::<I, A>,
-            move |group: Vec<Pending<I, A>>| {
-                let (items, answers): (Vec<I>, Vec<_>) =
+            take::<P>,
+            move |group: Vec<Pending<P>>| {
+                let (items, answers): (Vec<P::Item>, Vec<_>) =
                     group.into_iter().map(|p| (p.item, p.answer)).unzip();
-                let sent = send(items);
+                let sent = send(peer.clone(), unbatched.clone(), items);
                 async move {
-                    let results = sent.await;
-                    for (answer, result) in answers.into_iter().zip(results) {
+                    for (answer, result) in answers.into_iter().zip(sent.await) {
                         // A caller that went away no longer needs its answer.
                         let _ = answer.send(result);
                     }
@@ -82,7 +101,8 @@ impl<I: Send + 'static, A: Send + 'static> Batches<I, A> {
         Self { queue }
     }
 
-    async fn call(&self, item: I) -> Result<A, Status> {
+    /// Queues `item` and waits for its answer.
+    async fn call(&self, item: P::Item) -> Result<P::Answer, Status> {
         let (answer, answered) = oneshot::channel();
         self.queue
             .send(Pending { item, answer })
@@ -94,36 +114,64 @@ impl<I: Send + 'static, A: Send + 'static> Batches<I, A> {
 }
 
 /// Up to [`MAX_ITEMS`] waiting requests, in order.
-fn take<I, A>(waiting: &mut VecDeque<Pending<I, A>>) -> Vec<Pending<I, A>> {
+fn take<P: Peer>(waiting: &mut VecDeque<Pending<P>>) -> Vec<Pending<P>> {
     let n = waiting.len().min(MAX_ITEMS);
     waiting.drain(..n).collect()
 }
 
-/// The current span's trace, for an item to carry.
-fn current_trace() -> Option<TraceContext> {
-    let trace = telemetry::current_trace_context();
-    (!trace.traceparent.is_empty()).then_some(trace)
-}
-
-/// A span continuing an item's trace, for its single RPC.
-fn item_span(trace: Option<&TraceContext>) -> tracing::Span {
-    let span = tracing::info_span!("scenario.single_request");
-    if let Some(trace) = trace {
-        telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+/// Sends one batch to `peer` and answers each of its items: with the
+/// peer's answer, or the batch's error. A peer without the batch RPC
+/// fails the batch as UNAVAILABLE (the steps retry at once) and gets
+/// requests one RPC each for [`RETRY_BATCH_AFTER`].
+async fn send<P: Peer>(
+    mut peer: P,
+    unbatched: Arc<Unbatched>,
+    items: Vec<P::Item>,
+) -> Vec<Result<P::Answer, Status>> {
+    let n = items.len();
+    if unbatched.now() {
+        let mut results = Vec::with_capacity(n);
+        for item in items {
+            // In the step's trace, as the batch item would have been.
+            let span = tracing::info_span!("scenario.single_request");
+            if let Some(trace) = P::trace(&item) {
+                telemetry::set_parent(&span, telemetry::context_from_payload(trace));
+            }
+            results.push(peer.alone(item).instrument(span).await);
+        }
+        return results;
     }
-    span
+    metrics::histogram!("hibiki_scenario_batch_items", "peer" => P::NAME).record(n as f64);
+    let failed = |status: Status| (0..n).map(|_| Err(status.clone())).collect();
+    match peer.batch(items).await {
+        Ok(results) if results.len() == n => results,
+        Ok(results) => failed(Status::internal(format!(
+            "{} answered {} results for {n} requests",
+            P::NAME,
+            results.len()
+        ))),
+        Err(s) if s.code() == Code::Unimplemented => {
+            unbatched.note();
+            tracing::warn!(
+                peer = P::NAME,
+                "no batch RPC (an older version?): requests go one by one for a while"
+            );
+            failed(Status::unavailable(format!(
+                "{} takes no batches yet; retried alone",
+                P::NAME
+            )))
+        }
+        Err(s) => failed(s),
+    }
 }
 
-/// Whether a peer lacks its batch RPC (UNIMPLEMENTED, during a rolling
-/// upgrade): then requests go one RPC each, and the batch RPC is tried
-/// again after [`RETRY_BATCH_AFTER`].
+/// Since when a peer has answered its batch RPC with UNIMPLEMENTED (during
+/// a rolling upgrade).
 #[derive(Default)]
-struct Unbatched(std::sync::Mutex<Option<std::time::Instant>>);
-
-/// How long requests go one by one after a peer answered UNIMPLEMENTED.
-const RETRY_BATCH_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+struct Unbatched(Mutex<Option<Instant>>);
 
 impl Unbatched {
+    /// Whether requests go one by one now.
     fn now(&self) -> bool {
         let mut since = self.0.lock().expect("unbatched");
         match *since {
@@ -136,84 +184,107 @@ impl Unbatched {
         }
     }
 
-    /// Notes that the peer answered UNIMPLEMENTED; what the batch held is
-    /// answered UNAVAILABLE, so the steps retry it (one RPC each).
-    fn noted<A>(&self, n: usize, peer: &str) -> Vec<Result<A, Status>> {
-        *self.0.lock().expect("unbatched") = Some(std::time::Instant::now());
-        tracing::warn!(
-            peer,
-            "no batch RPC (an older version?): requests go one by one for a while"
-        );
-        let status = Status::unavailable(format!("{peer} takes no batches yet; retried alone"));
-        (0..n).map(|_| Err(status.clone())).collect()
+    fn note(&self) {
+        *self.0.lock().expect("unbatched") = Some(Instant::now());
     }
 }
 
-/// What a batch answered, item by item: `n` results, or the batch's error
-/// for each of its items.
-fn answers<R, A>(
-    n: usize,
-    answered: Result<Vec<R>, Status>,
-    answer: impl Fn(R) -> Result<A, Status>,
-) -> Vec<Result<A, Status>> {
-    match answered {
-        Ok(results) if results.len() == n => results.into_iter().map(answer).collect(),
-        Ok(results) => {
-            let status = Status::internal(format!(
-                "the batch was answered with {} results for {n} requests",
-                results.len()
-            ));
-            (0..n).map(|_| Err(status.clone())).collect()
-        }
-        Err(s) => (0..n).map(|_| Err(s.clone())).collect(),
-    }
+/// The current span's trace, for an item to carry.
+fn current_trace() -> Option<TraceContext> {
+    let trace = telemetry::current_trace_context();
+    (!trace.traceparent.is_empty()).then_some(trace)
 }
 
 fn error_of(e: BatchError) -> Status {
     Status::new(Code::from_i32(e.code), e.message)
 }
 
+impl Peer for DeliveryServiceClient<Intercepted> {
+    type Item = BatchItem;
+    type Answer = Job;
+    const NAME: &'static str = "delivery";
+
+    fn trace(item: &BatchItem) -> Option<&TraceContext> {
+        item.trace.as_ref()
+    }
+
+    async fn batch(&mut self, items: Vec<BatchItem>) -> Result<Vec<Result<Job, Status>>, Status> {
+        let results = self
+            .submit_batch(SubmitBatchRequest { items })
+            .await?
+            .into_inner()
+            .results;
+        Ok(results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(batch_result::Result::Job(job)) => Ok(job),
+                Some(batch_result::Result::Error(e)) => Err(error_of(e)),
+                None => Err(Status::internal("delivery answered a request with nothing")),
+            })
+            .collect())
+    }
+
+    async fn alone(&mut self, item: BatchItem) -> Result<Job, Status> {
+        let answer = match item.request {
+            Some(batch_item::Request::Send(r)) => self.send(r).await,
+            Some(batch_item::Request::LinkRichMenu(r)) => self.link_rich_menu(r).await,
+            Some(batch_item::Request::UnlinkRichMenu(r)) => self.unlink_rich_menu(r).await,
+            None => Err(Status::internal("a batch item without its request")),
+        };
+        answer.map(tonic::Response::into_inner)
+    }
+}
+
+impl Peer for ContactServiceClient<Intercepted> {
+    type Item = EditItem;
+    type Answer = MutationResponse;
+    const NAME: &'static str = "contacts";
+
+    fn trace(item: &EditItem) -> Option<&TraceContext> {
+        item.trace.as_ref()
+    }
+
+    async fn batch(
+        &mut self,
+        items: Vec<EditItem>,
+    ) -> Result<Vec<Result<MutationResponse, Status>>, Status> {
+        let results = self
+            .edit_batch(EditBatchRequest { items })
+            .await?
+            .into_inner()
+            .results;
+        Ok(results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(edit_result::Result::Response(response)) => Ok(response),
+                Some(edit_result::Result::Error(e)) => Err(error_of(e)),
+                None => Err(Status::internal("contacts answered an edit with nothing")),
+            })
+            .collect())
+    }
+
+    async fn alone(&mut self, item: EditItem) -> Result<MutationResponse, Status> {
+        let answer = match item.request {
+            Some(edit_item::Request::AddTags(r)) => self.add_tags(r).await,
+            Some(edit_item::Request::RemoveTags(r)) => self.remove_tags(r).await,
+            Some(edit_item::Request::SetAttributes(r)) => self.set_attributes(r).await,
+            None => Err(Status::internal("a batch item without its request")),
+        };
+        answer.map(tonic::Response::into_inner)
+    }
+}
+
 /// Hands delivery requests to `SubmitBatch` calls.
 #[derive(Clone)]
 pub struct Submitter {
-    batches: std::sync::Arc<Batches<BatchItem, Job>>,
+    batches: Arc<Batches<DeliveryServiceClient<Intercepted>>>,
 }
 
 impl Submitter {
     /// Starts sending batches through `delivery`.
     pub fn start(delivery: DeliveryServiceClient<Intercepted>) -> Self {
-        let unbatched = std::sync::Arc::new(Unbatched::default());
-        let batches = Batches::start(move |items: Vec<BatchItem>| {
-            let mut delivery = delivery.clone();
-            let unbatched = unbatched.clone();
-            async move {
-                let n = items.len();
-                if unbatched.now() {
-                    let mut results = Vec::with_capacity(n);
-                    for item in items {
-                        let span = item_span(item.trace.as_ref());
-                        results.push(submit_alone(&mut delivery, item).instrument(span).await);
-                    }
-                    return results;
-                }
-                metrics::histogram!("hibiki_scenario_batch_items", "peer" => "delivery")
-                    .record(n as f64);
-                let answered = delivery
-                    .submit_batch(SubmitBatchRequest { items })
-                    .await
-                    .map(|r| r.into_inner().results);
-                match answered {
-                    Err(s) if s.code() == Code::Unimplemented => unbatched.noted(n, "delivery"),
-                    answered => answers(n, answered, |r| match r.result {
-                        Some(batch_result::Result::Job(job)) => Ok(job),
-                        Some(batch_result::Result::Error(e)) => Err(error_of(e)),
-                        None => Err(Status::internal("delivery answered a request with nothing")),
-                    }),
-                }
-            }
-        });
         Self {
-            batches: std::sync::Arc::new(batches),
+            batches: Arc::new(Batches::start(delivery)),
         }
     }
 
@@ -238,60 +309,17 @@ impl Submitter {
     }
 }
 
-async fn submit_alone(
-    delivery: &mut DeliveryServiceClient<Intercepted>,
-    item: BatchItem,
-) -> Result<Job, Status> {
-    let answer = match item.request {
-        Some(batch_item::Request::Send(r)) => delivery.send(r).await,
-        Some(batch_item::Request::LinkRichMenu(r)) => delivery.link_rich_menu(r).await,
-        Some(batch_item::Request::UnlinkRichMenu(r)) => delivery.unlink_rich_menu(r).await,
-        None => Err(Status::internal("a batch item without its request")),
-    };
-    answer.map(tonic::Response::into_inner)
-}
-
 /// Hands contacts edits to `EditBatch` calls.
 #[derive(Clone)]
 pub struct Editor {
-    batches: std::sync::Arc<Batches<EditItem, MutationResponse>>,
+    batches: Arc<Batches<ContactServiceClient<Intercepted>>>,
 }
 
 impl Editor {
     /// Starts sending batches through `contacts`.
     pub fn start(contacts: ContactServiceClient<Intercepted>) -> Self {
-        let unbatched = std::sync::Arc::new(Unbatched::default());
-        let batches = Batches::start(move |items: Vec<EditItem>| {
-            let mut contacts = contacts.clone();
-            let unbatched = unbatched.clone();
-            async move {
-                let n = items.len();
-                if unbatched.now() {
-                    let mut results = Vec::with_capacity(n);
-                    for item in items {
-                        let span = item_span(item.trace.as_ref());
-                        results.push(edit_alone(&mut contacts, item).instrument(span).await);
-                    }
-                    return results;
-                }
-                metrics::histogram!("hibiki_scenario_batch_items", "peer" => "contacts")
-                    .record(n as f64);
-                let answered = contacts
-                    .edit_batch(EditBatchRequest { items })
-                    .await
-                    .map(|r| r.into_inner().results);
-                match answered {
-                    Err(s) if s.code() == Code::Unimplemented => unbatched.noted(n, "contacts"),
-                    answered => answers(n, answered, |r| match r.result {
-                        Some(edit_result::Result::Response(response)) => Ok(response),
-                        Some(edit_result::Result::Error(e)) => Err(error_of(e)),
-                        None => Err(Status::internal("contacts answered an edit with nothing")),
-                    }),
-                }
-            }
-        });
         Self {
-            batches: std::sync::Arc::new(batches),
+            batches: Arc::new(Batches::start(contacts)),
         }
     }
 
@@ -324,17 +352,4 @@ impl Editor {
             })
             .await
     }
-}
-
-async fn edit_alone(
-    contacts: &mut ContactServiceClient<Intercepted>,
-    item: EditItem,
-) -> Result<MutationResponse, Status> {
-    let answer = match item.request {
-        Some(edit_item::Request::AddTags(r)) => contacts.add_tags(r).await,
-        Some(edit_item::Request::RemoveTags(r)) => contacts.remove_tags(r).await,
-        Some(edit_item::Request::SetAttributes(r)) => contacts.set_attributes(r).await,
-        None => Err(Status::internal("a batch item without its request")),
-    };
-    answer.map(tonic::Response::into_inner)
 }
