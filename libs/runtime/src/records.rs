@@ -13,8 +13,12 @@
 //!   then new ones. A consumer counts each entry once by remembering, with
 //!   its effects, the id of the last entry it took (analytics'
 //!   `stream_positions`).
-//! - **Never blocking Redis.** Reads do not use `BLOCK` (the connection is
-//!   shared); an empty read waits `poll` before the next.
+//! - **Waiting in Redis.** A reader made [`RecordReader::waiting`] waits
+//!   for new records in a blocking read (`XREADGROUP … BLOCK`) on a
+//!   connection of its own, which Redis answers as soon as a record is
+//!   published: a quiet stream is not polled, and a record does not wait
+//!   for the next poll. Other reads, and every read under Redis Cluster,
+//!   go on the shared connection and return at once.
 
 use std::time::Duration;
 
@@ -55,6 +59,10 @@ pub struct RecordReader {
     /// after taking the lease, ">" (new records) once those are handed out.
     cursor: String,
     held: bool,
+    /// How long a read of new records may wait for one (zero: not at all).
+    wait: Duration,
+    /// The connection blocking reads wait on, made on first use.
+    blocking: Option<redis::aio::MultiplexedConnection>,
 }
 
 impl RecordReader {
@@ -77,7 +85,17 @@ impl RecordReader {
             lease,
             cursor: "0".into(),
             held: false,
+            wait: Duration::ZERO,
+            blocking: None,
         }
+    }
+
+    /// Lets a read of new records wait up to `wait` for one to be
+    /// published, on a single Redis (keep it well under the lease, which a
+    /// read renews).
+    pub fn waiting(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
     }
 
     /// The stream read (its full key).
@@ -113,20 +131,7 @@ impl RecordReader {
             self.cursor = "0".into();
             self.held = true;
         }
-        let reply: redis::Value = self
-            .redis
-            .command(
-                redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(&self.group)
-                    .arg(&self.name)
-                    .arg("COUNT")
-                    .arg(count)
-                    .arg("STREAMS")
-                    .arg(&self.stream)
-                    .arg(&self.cursor),
-            )
-            .await?;
+        let reply = self.read_group(count).await?;
         let entries = streams::read_reply(reply, self.field)?;
         if entries.is_empty() && self.cursor != ">" {
             // Pending ones handed out: new records from here on.
@@ -140,6 +145,37 @@ impl RecordReader {
             self.cursor = last.clone();
         }
         Ok(entries)
+    }
+
+    /// One `XREADGROUP` from the cursor: for new records, a blocking read
+    /// on this reader's own connection where it may wait.
+    async fn read_group(&mut self, count: usize) -> Result<redis::Value, redis::RedisError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(count);
+        if self.cursor == ">" && !self.wait.is_zero() {
+            if self.blocking.is_none() {
+                self.blocking = self.redis.dedicated(self.wait).await?;
+            }
+            if let Some(conn) = self.blocking.as_mut() {
+                cmd.arg("BLOCK")
+                    .arg(self.wait.as_millis().max(1) as u64)
+                    .arg("STREAMS")
+                    .arg(&self.stream)
+                    .arg(">");
+                let reply = cmd.query_async(conn).await;
+                if reply.is_err() {
+                    // A new connection next time.
+                    self.blocking = None;
+                }
+                return reply;
+            }
+        }
+        cmd.arg("STREAMS").arg(&self.stream).arg(&self.cursor);
+        self.redis.command(&cmd).await
     }
 
     /// Acknowledges folded records.

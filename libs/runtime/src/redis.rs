@@ -198,6 +198,27 @@ impl Redis {
         Ok(conn)
     }
 
+    /// A connection of the caller's own to a single Redis, for a blocking
+    /// command (`XREADGROUP … BLOCK`) that on the shared connection would
+    /// hold up every other caller; its replies may take `longest` more than
+    /// the shared connection's. `None` under Redis Cluster, where a blocking
+    /// read could wait on one node only.
+    pub async fn dedicated(
+        &self,
+        longest: Duration,
+    ) -> Result<Option<redis::aio::MultiplexedConnection>, redis::RedisError> {
+        let Client::Node(client) = &self.client else {
+            return Ok(None);
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(SHARED_TIMEOUT))
+            .set_response_timeout(Some(SHARED_TIMEOUT + longest));
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map(Some)
+    }
+
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Shared>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -2,8 +2,9 @@
 //! in order, a repeated event id is acknowledged but not appended again, a
 //! full shard refuses, and a Redis that forgot the append script is handled.
 //! Consumers share the shards of their group, deliver every entry once and
-//! in order per shard, take over a dead consumer's pending entries, and
-//! trim what every group has acknowledged.
+//! in order per shard, take over a dead consumer's pending entries, trim
+//! what every group has acknowledged, and wait in Redis while the log is
+//! quiet instead of polling it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::{Appended, Consumer, ConsumerConfig, Delivery, Event, EventLog};
 use hibiki_runtime::redis::{Redis, redis};
-use hibiki_testkit::{RedisCluster, RedisKeys, random_id};
+use hibiki_testkit::{RedisCluster, RedisKeys, RedisServer, random_id};
 
 /// A log of 4 shards under a fresh prefix, deleted when the guard drops.
 fn log(max_len: u64) -> (EventLog, Redis, RedisKeys) {
@@ -493,4 +494,75 @@ async fn a_stopped_follower_holds_the_log_back_only_for_its_retention() {
     let mut seen = Vec::new();
     drain(&other, &mut seen, |s| s.len() == 8).await;
     other.stop().await;
+}
+
+/// How many `XREADGROUP` calls `redis` has answered since it started.
+async fn group_reads(redis: &Redis) -> u64 {
+    let info: String = redis
+        .command(redis::cmd("INFO").arg("commandstats"))
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xreadgroup:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_idle_consumer_waits_in_redis_instead_of_polling() {
+    // A Redis of the test's own, so that its command counts are this
+    // consumer's alone.
+    let server = RedisServer::start().await;
+    let redis = Redis::connect_lazy(&RedisConfig {
+        url: Secret::new(server.url()),
+        cluster: false,
+        key_prefix: "hibiki".into(),
+        pool_size: 2,
+    })
+    .expect("a pool");
+    let log = EventLog::new(redis.clone(), 4, 10_000, Duration::from_secs(60));
+    let consumer = Consumer::start(
+        log.clone(),
+        ConsumerConfig {
+            max_wait: Duration::from_secs(1),
+            ..consumer_config("scenario", "quiet", 10_000)
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while consumer.shards().len() < 4 {
+        assert!(Instant::now() < deadline, "never took the shards");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A quiet second: polling every 5 ms would read about 200 times.
+    let before = group_reads(&redis).await;
+    assert!(consumer.next().await.unwrap().is_empty());
+    let reads = group_reads(&redis).await - before;
+    assert!(
+        reads <= 20,
+        "{reads} reads of a quiet log in one wait: it polled"
+    );
+
+    // An entry appended while the consumer waits comes out of that wait.
+    let appended = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        log.append(&[event("U1", "quiet-1", b"hello")])
+            .await
+            .unwrap()
+    };
+    let (batch, outcome) = tokio::join!(consumer.next(), appended);
+    assert!(matches!(outcome[0], Appended::Added(_)));
+    let batch = batch.unwrap();
+    assert_eq!(
+        batch
+            .iter()
+            .map(|d| d.payload.as_slice())
+            .collect::<Vec<_>>(),
+        [b"hello".as_slice()]
+    );
+    // Delivered once: acknowledged, nothing more comes.
+    consumer.ack(&batch).await.unwrap();
+    assert!(consumer.next().await.unwrap().is_empty());
+    consumer.stop().await;
 }

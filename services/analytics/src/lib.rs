@@ -60,6 +60,9 @@ const BATCH: usize = 500;
 /// How long a replica holds a stream it reads: a standby takes over within
 /// it when the holder dies.
 const LEASE: Duration = Duration::from_secs(5);
+/// How long the holder's read waits in Redis for a new record (a blocking
+/// read, on a single Redis) before it renews the lease and reads again.
+const RECORD_WAIT: Duration = Duration::from_millis(200);
 
 /// analytics' settings.
 #[derive(Debug, Clone)]
@@ -194,7 +197,8 @@ impl Service for Application {
             &name,
             "p",
             LEASE,
-        );
+        )
+        .waiting(RECORD_WAIT);
         let outcomes = RecordReader::new(
             self.redis.clone(),
             self.redis.key(&["delivery", "outcomes"]),
@@ -202,7 +206,8 @@ impl Service for Application {
             &name,
             "o",
             LEASE,
-        );
+        )
+        .waiting(RECORD_WAIT);
         let migrated = self.migrated.clone();
         let handles = vec![
             tokio::spawn(records(
@@ -268,6 +273,8 @@ async fn records(
         () = stop.cancelled() => return,
         () = migrated.wait() => {}
     }
+    // After an empty read (a wait in Redis that ran out, a standby, or
+    // Redis Cluster), a short pause.
     let idle = Duration::from_millis(20);
     loop {
         if stop.is_triggered() {

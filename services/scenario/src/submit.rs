@@ -79,8 +79,14 @@ impl<P: Peer> Batches<P> {
     /// Starts the loop that sends the batches to `peer` (on the current
     /// tokio runtime); it ends when the batches are dropped.
     fn start(peer: P) -> Self {
+        Self::start_with(peer, RETRY_BATCH_AFTER)
+    }
+
+    /// As [`Batches::start`], trying the batch RPC again `retry_after` an
+    /// UNIMPLEMENTED answer.
+    fn start_with(peer: P, retry_after: Duration) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
-        let unbatched = Arc::new(Unbatched::default());
+        let unbatched = Arc::new(Unbatched::new(retry_after));
         tokio::spawn(hibiki_runtime::group::group_commit(
             waiting,
             AT_ONCE,
@@ -166,16 +172,25 @@ async fn send<P: Peer>(
 }
 
 /// Since when a peer has answered its batch RPC with UNIMPLEMENTED (during
-/// a rolling upgrade).
-#[derive(Default)]
-struct Unbatched(Mutex<Option<Instant>>);
+/// a rolling upgrade), and for how long requests then go one by one.
+struct Unbatched {
+    since: Mutex<Option<Instant>>,
+    retry_after: Duration,
+}
 
 impl Unbatched {
+    fn new(retry_after: Duration) -> Self {
+        Self {
+            since: Mutex::new(None),
+            retry_after,
+        }
+    }
+
     /// Whether requests go one by one now.
     fn now(&self) -> bool {
-        let mut since = self.0.lock().expect("unbatched");
+        let mut since = self.since.lock().expect("unbatched");
         match *since {
-            Some(at) if at.elapsed() < RETRY_BATCH_AFTER => true,
+            Some(at) if at.elapsed() < self.retry_after => true,
             Some(_) => {
                 *since = None;
                 false
@@ -185,7 +200,7 @@ impl Unbatched {
     }
 
     fn note(&self) {
-        *self.0.lock().expect("unbatched") = Some(Instant::now());
+        *self.since.lock().expect("unbatched") = Some(Instant::now());
     }
 }
 
@@ -351,5 +366,143 @@ impl Editor {
                 trace: current_trace(),
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batching loop against a peer of an older version, one that
+    //! answers the batch RPC with UNIMPLEMENTED until it is upgraded. The
+    //! loop's work with real peers (contacts and delivery over gRPC) is
+    //! under test in the end-to-end tests and the storm.
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A peer whose answer to an item is the item doubled, counting how
+    /// it was asked.
+    #[derive(Clone, Default)]
+    struct Doubling {
+        upgraded: Arc<AtomicBool>,
+        batches: Arc<AtomicUsize>,
+        alone: Arc<AtomicUsize>,
+        /// Answers a batch with one result too few.
+        short: Arc<AtomicBool>,
+    }
+
+    impl Peer for Doubling {
+        type Item = u32;
+        type Answer = u32;
+        const NAME: &'static str = "doubling";
+
+        fn trace(_: &u32) -> Option<&TraceContext> {
+            None
+        }
+
+        async fn batch(&mut self, items: Vec<u32>) -> Result<Vec<Result<u32, Status>>, Status> {
+            if !self.upgraded.load(Ordering::SeqCst) {
+                return Err(Status::unimplemented("unknown method SubmitBatch"));
+            }
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            let mut answers: Vec<_> = items
+                .into_iter()
+                .map(|i| {
+                    if i == 13 {
+                        Err(Status::invalid_argument("13 is refused"))
+                    } else {
+                        Ok(i * 2)
+                    }
+                })
+                .collect();
+            if self.short.load(Ordering::SeqCst) {
+                answers.pop();
+            }
+            Ok(answers)
+        }
+
+        async fn alone(&mut self, item: u32) -> Result<u32, Status> {
+            self.alone.fetch_add(1, Ordering::SeqCst);
+            Ok(item * 2)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_older_peer_gets_requests_one_by_one_until_the_window_passes() {
+        let peer = Doubling::default();
+        let window = Duration::from_millis(300);
+        let batches = Batches::start_with(peer.clone(), window);
+
+        // The first batch meets the old version: its requests fail as
+        // UNAVAILABLE, which steps retry.
+        let refused = batches
+            .call(1)
+            .await
+            .expect_err("the old peer has no batch RPC");
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(refused.message().contains("doubling takes no batches"));
+
+        // Within the window, each request is its own RPC.
+        for i in 2..5 {
+            assert_eq!(batches.call(i).await.expect("answered alone"), i * 2);
+        }
+        assert_eq!(peer.alone.load(Ordering::SeqCst), 3);
+        assert_eq!(peer.batches.load(Ordering::SeqCst), 0);
+
+        // The peer is upgraded; after the window the batch RPC is tried
+        // again, and used from then on.
+        peer.upgraded.store(true, Ordering::SeqCst);
+        tokio::time::sleep(window + Duration::from_millis(50)).await;
+        assert_eq!(batches.call(5).await.expect("answered in a batch"), 10);
+        assert_eq!(batches.call(6).await.expect("answered in a batch"), 12);
+        assert_eq!(peer.alone.load(Ordering::SeqCst), 3);
+        assert_eq!(peer.batches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn requests_queued_together_get_their_own_answers_in_one_batch() {
+        let peer = Doubling::default();
+        peer.upgraded.store(true, Ordering::SeqCst);
+        let batches = Arc::new(Batches::start(peer.clone()));
+
+        let calls: Vec<_> = (0..2_000u32)
+            .map(|i| {
+                let batches = batches.clone();
+                tokio::spawn(async move { (i, batches.call(i).await) })
+            })
+            .collect();
+        for call in calls {
+            let (i, answer) = call.await.expect("the call ran");
+            match answer {
+                Ok(doubled) => assert_eq!(doubled, i * 2),
+                Err(e) => {
+                    assert_eq!(i, 13, "only 13 is refused, {i} got {e}");
+                    assert_eq!(e.code(), Code::InvalidArgument);
+                }
+            }
+        }
+        let rpcs = peer.batches.load(Ordering::SeqCst);
+        assert!(
+            rpcs >= 2_000 / MAX_ITEMS,
+            "no batch holds more than {MAX_ITEMS}"
+        );
+        assert!(rpcs < 2_000, "requests queued together share a batch");
+        assert_eq!(peer.alone.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_answered_with_the_wrong_number_of_results_fails_every_request() {
+        let peer = Doubling::default();
+        peer.upgraded.store(true, Ordering::SeqCst);
+        peer.short.store(true, Ordering::SeqCst);
+        let batches = Batches::start(peer.clone());
+
+        let failed = batches.call(7).await.expect_err("no answer can be trusted");
+        assert_eq!(failed.code(), Code::Internal);
+        assert!(
+            failed
+                .message()
+                .contains("doubling answered 0 results for 1 requests")
+        );
     }
 }

@@ -108,7 +108,9 @@ pub struct ConsumerConfig {
     pub lease: Duration,
     /// Entries read per shard per round.
     pub batch: usize,
-    /// How long to wait before looking again when nothing was read.
+    /// How long to wait before looking again when nothing was read and
+    /// the consumer cannot block on its shards (under Redis Cluster, or
+    /// while taking a shard over).
     pub poll_interval: Duration,
     /// The longest [`Consumer::next`] waits before returning an empty batch.
     pub max_wait: Duration,
@@ -116,8 +118,8 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     /// Defaults for group `group`: a name from the host, process and start
-    /// time, a 10 s lease, 100 entries per shard, polling every 10 ms,
-    /// returning at least every 500 ms.
+    /// time, a 10 s lease, 100 entries per shard, polling every 10 ms where
+    /// it cannot block, returning at least every 500 ms.
     pub fn new(group: impl Into<String>) -> Self {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "hibiki".into());
         let started = SystemTime::now()
@@ -159,6 +161,12 @@ struct Owned {
 
 type Shards = Arc<Mutex<BTreeMap<u32, Owned>>>;
 
+/// The longest one blocking read waits for new entries. It bounds how long
+/// a consumer may still read a shard it just gave up (another consumer
+/// then takes over only what was pending before): the same race a poll
+/// has, kept short.
+const MAX_BLOCK: Duration = Duration::from_millis(200);
+
 /// A member of a consumer group, holding its share of the shards.
 pub struct Consumer {
     log: EventLog,
@@ -166,6 +174,9 @@ pub struct Consumer {
     owned: Shards,
     stop: CancellationToken,
     leases: Option<tokio::task::JoinHandle<()>>,
+    /// The connection of this consumer's own that blocking reads wait on
+    /// (single Redis only), made on first use.
+    blocking: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 impl Consumer {
@@ -187,6 +198,7 @@ impl Consumer {
             owned,
             stop,
             leases: Some(leases),
+            blocking: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -204,15 +216,99 @@ impl Consumer {
     /// order (a taken-over shard's leftover entries first). Waits up to the
     /// configured `max_wait`, then returns an empty batch, so a caller can
     /// check for shutdown between calls.
+    ///
+    /// On a single Redis an idle consumer waits in a blocking read
+    /// (`XREADGROUP … BLOCK`) on a connection of its own, which Redis
+    /// answers as soon as an entry is appended: no polling while the log is
+    /// quiet, and no poll interval added to an event's way. Under Redis
+    /// Cluster, and while taking a shard over, it polls every
+    /// `poll_interval`.
     pub async fn next(&self) -> Result<Vec<Delivery>, EventLogError> {
         let deadline = Instant::now() + self.config.max_wait;
         loop {
             let batch = self.read_once().await?;
-            if !batch.is_empty() || Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !batch.is_empty() || left.is_zero() {
                 return Ok(batch);
             }
-            tokio::time::sleep(self.config.poll_interval).await;
+            match self.read_blocking(left.min(MAX_BLOCK)).await? {
+                Some(batch) if !batch.is_empty() => return Ok(batch),
+                // Nothing came in time: look again (shards may have moved).
+                Some(_) => {}
+                None => tokio::time::sleep(self.config.poll_interval).await,
+            }
         }
+    }
+
+    /// Waits up to `wait` for new entries on the shards this consumer
+    /// holds and reads them, as [`Consumer::read_once`] does. `None` when
+    /// it cannot block: under Redis Cluster, holding no shard, or while
+    /// delivering a taken-over shard's leftovers.
+    async fn read_blocking(&self, wait: Duration) -> Result<Option<Vec<Delivery>>, EventLogError> {
+        let shards: Vec<u32> = {
+            let owned = self.owned.lock().expect("shard map lock");
+            if owned.is_empty() || owned.values().any(|o| o.backlog.is_some()) {
+                return Ok(None);
+            }
+            owned.keys().copied().collect()
+        };
+        let mut slot = self.blocking.lock().await;
+        if slot.is_none() {
+            *slot = self.log.redis().dedicated(MAX_BLOCK).await?;
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Ok(None);
+        };
+        let keys: Vec<String> = shards.iter().map(|s| self.log.stream_key(*s)).collect();
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.config.name)
+            .arg("COUNT")
+            .arg(self.config.batch)
+            .arg("BLOCK")
+            .arg(wait.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&keys);
+        for _ in &keys {
+            cmd.arg(">");
+        }
+        let reply: Option<Vec<(String, redis::Value)>> = match cmd.query_async(conn).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // A new connection next time; the polling read recreates a
+                // group that is gone (NOGROUP).
+                *slot = None;
+                return Err(e.into());
+            }
+        };
+        drop(slot);
+        let mut deliveries = Vec::new();
+        let mut owned = self.owned.lock().expect("shard map lock");
+        for (key, entries) in reply.unwrap_or_default() {
+            let Some(shard) = shards
+                .iter()
+                .zip(&keys)
+                .find_map(|(shard, k)| (*k == key).then_some(*shard))
+            else {
+                return Err(EventLogError(format!(
+                    "a blocking read answered for {key}, which it did not ask for"
+                )));
+            };
+            let entries = crate::redis::streams::entries(entries, "p")
+                .map_err(|e| EventLogError(e.to_string()))?;
+            // A shard given up while the read waited has no count to keep;
+            // its entries are delivered here all the same.
+            if let Some(o) = owned.get_mut(&shard) {
+                o.in_flight += entries.len();
+            }
+            deliveries.extend(entries.into_iter().map(|(id, payload)| Delivery {
+                shard,
+                id,
+                payload,
+            }));
+        }
+        Ok(Some(deliveries))
     }
 
     async fn read_once(&self) -> Result<Vec<Delivery>, EventLogError> {
