@@ -227,15 +227,24 @@ impl Consumer {
         let deadline = Instant::now() + self.config.max_wait;
         loop {
             let batch = self.read_once().await?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !batch.is_empty() || left.is_zero() {
+            if !batch.is_empty() {
                 return Ok(batch);
             }
-            match self.read_blocking(left.min(MAX_BLOCK)).await? {
-                Some(batch) if !batch.is_empty() => return Ok(batch),
-                // Nothing came in time: look again (shards may have moved).
-                Some(_) => {}
-                None => tokio::time::sleep(self.config.poll_interval).await,
+            // Wait in Redis while it can; each blocking read asks for the
+            // shards held at that moment.
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Vec::new());
+                }
+                match self.read_blocking(left.min(MAX_BLOCK)).await? {
+                    Some(batch) if !batch.is_empty() => return Ok(batch),
+                    Some(_) => {}
+                    None => {
+                        tokio::time::sleep(self.config.poll_interval).await;
+                        break;
+                    }
+                }
             }
         }
     }
