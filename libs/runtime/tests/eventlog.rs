@@ -12,22 +12,15 @@ use std::time::{Duration, Instant};
 use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::eventlog::{Appended, Consumer, ConsumerConfig, Delivery, Event, EventLog};
 use hibiki_runtime::redis::{Redis, redis};
-use hibiki_testkit::{RedisCluster, RedisKeys, RedisServer, random_id};
+use hibiki_testkit::{RedisCluster, RedisKeys, RedisServer, redis_of_its_own};
 
 /// A log of 4 shards under a fresh prefix, deleted when the guard drops.
 fn log(max_len: u64) -> (EventLog, Redis, RedisKeys) {
-    let prefix = format!("test-{}", random_id());
-    let redis = Redis::connect_lazy(&RedisConfig {
-        url: Secret::new("redis://127.0.0.1:6379"),
-        cluster: false,
-        key_prefix: prefix.clone(),
-        pool_size: 2,
-    })
-    .expect("a pool");
+    let (redis, keys) = redis_of_its_own();
     (
         EventLog::new(redis.clone(), 4, max_len, Duration::from_secs(60)),
         redis,
-        RedisKeys::new("redis://127.0.0.1:6379", &prefix),
+        keys,
     )
 }
 

@@ -5,23 +5,9 @@
 
 use std::time::Duration;
 
-use hibiki_runtime::config::{RedisConfig, Secret};
 use hibiki_runtime::records::RecordReader;
 use hibiki_runtime::redis::{Redis, redis};
-use hibiki_testkit::{RedisKeys, random_id};
-
-/// A handle under a fresh prefix, whose keys go when the guard drops.
-fn redis() -> (Redis, RedisKeys) {
-    let prefix = format!("test-{}", random_id());
-    let redis = Redis::connect_lazy(&RedisConfig {
-        url: Secret::new("redis://127.0.0.1:6379"),
-        cluster: false,
-        key_prefix: prefix.clone(),
-        pool_size: 2,
-    })
-    .expect("a handle");
-    (redis, RedisKeys::new("redis://127.0.0.1:6379", &prefix))
-}
+use hibiki_testkit::redis_of_its_own;
 
 async fn publish(redis: &Redis, stream: &str, payload: &str) {
     let _: String = redis
@@ -57,7 +43,7 @@ fn reader(redis: &Redis, stream: &str, name: &str) -> RecordReader {
 
 #[tokio::test]
 async fn a_waiting_reader_gets_a_record_published_while_it_waits() {
-    let (redis, _keys) = redis();
+    let (redis, _keys) = redis_of_its_own();
     let stream = redis.key(&["delivery", "outcomes"]);
     let mut holder = reader(&redis, &stream, "holder");
 

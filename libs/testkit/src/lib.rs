@@ -538,6 +538,21 @@ impl RedisKeys {
     }
 }
 
+/// A handle on the local Redis (`DEFAULT_REDIS_URL`) under a fresh
+/// `test-<random>` prefix, with the guard that deletes its keys.
+pub fn redis_of_its_own() -> (hibiki_runtime::redis::Redis, RedisKeys) {
+    use hibiki_runtime::config::{DEFAULT_REDIS_URL, RedisConfig, Secret};
+    let prefix = format!("test-{}", random_id());
+    let redis = hibiki_runtime::redis::Redis::connect_lazy(&RedisConfig {
+        url: Secret::new(DEFAULT_REDIS_URL.to_owned()),
+        cluster: false,
+        key_prefix: prefix.clone(),
+        pool_size: 2,
+    })
+    .expect("a Redis handle");
+    (redis, RedisKeys::new(DEFAULT_REDIS_URL, &prefix))
+}
+
 impl Drop for RedisKeys {
     fn drop(&mut self) {
         // Synchronous on purpose: Drop cannot await, and the test's runtime

@@ -308,14 +308,7 @@ impl Consumer {
                 .map_err(|e| EventLogError(e.to_string()))?;
             // A shard given up while the read waited has no count to keep;
             // its entries are delivered here all the same.
-            if let Some(o) = owned.get_mut(&shard) {
-                o.in_flight += entries.len();
-            }
-            deliveries.extend(entries.into_iter().map(|(id, payload)| Delivery {
-                shard,
-                id,
-                payload,
-            }));
+            deliver(&mut owned, shard, entries, &mut deliveries);
         }
         Ok(Some(deliveries))
     }
@@ -386,14 +379,7 @@ impl Consumer {
                 }
                 None => parse_read(reply)?,
             };
-            if let Some(o) = owned.get_mut(&shard) {
-                o.in_flight += entries.len();
-            }
-            deliveries.extend(entries.into_iter().map(|(id, payload)| Delivery {
-                shard,
-                id,
-                payload,
-            }));
+            deliver(&mut owned, shard, entries, &mut deliveries);
         }
         Ok(deliveries)
     }
@@ -500,6 +486,24 @@ async fn create_group(log: &EventLog, group: &str, shard: u32) -> Result<(), Eve
 
 /// A stream entry's id and payload.
 type Entry = crate::redis::streams::Entry;
+
+/// Hands out `entries` read from `shard`, counting them in flight while
+/// the shard is held.
+fn deliver(
+    owned: &mut BTreeMap<u32, Owned>,
+    shard: u32,
+    entries: Vec<Entry>,
+    deliveries: &mut Vec<Delivery>,
+) {
+    if let Some(o) = owned.get_mut(&shard) {
+        o.in_flight += entries.len();
+    }
+    deliveries.extend(
+        entries
+            .into_iter()
+            .map(|(id, payload)| Delivery { shard, id, payload }),
+    );
+}
 
 fn parse_read(value: redis::Value) -> Result<Vec<Entry>, EventLogError> {
     crate::redis::streams::read_reply(value, "p").map_err(|e| EventLogError(e.to_string()))
